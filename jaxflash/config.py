@@ -1,0 +1,162 @@
+"""Default configuration, the GPT-3 family's shapes, and config validation.
+
+Configs are ml_collections ConfigDicts built by `get_config()` in configs/*.py.
+`validate` runs before anything is compiled and raises ConfigError naming the key.
+"""
+import os
+
+import ml_collections
+
+# GPT-3 paper, Table 2.1: d_model, n_layer, n_head, learning rate.
+GPT3_SIZES = {
+    '125m': dict(d_model=768, n_layer=12, n_head=12, learning_rate=6e-4),
+    '350m': dict(d_model=1024, n_layer=24, n_head=16, learning_rate=3e-4),
+    '760m': dict(d_model=1536, n_layer=24, n_head=16, learning_rate=2.5e-4),
+    '1.3b': dict(d_model=2048, n_layer=24, n_head=32, learning_rate=2e-4),
+    '2.7b': dict(d_model=2560, n_layer=32, n_head=32, learning_rate=1.6e-4),
+}
+
+ATTENTION_IMPLS = ('auto', 'xla', 'flash')
+SCHEDULES = ('cosine', 'linear')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+  def __init__(self, key, message):
+    super().__init__(f'config.{key}: {message}')
+    self.key = key
+
+
+def default_config():
+  """Everything a run needs; configs/*.py override what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 50264  # GPT-2's 50257 padded to a multiple of 8.
+  c.model.max_seq_len = 1024  # learned position embeddings
+  c.model.d_model = 768
+  c.model.n_layer = 12
+  c.model.n_head = 12
+  c.model.mlp_ratio = 4
+  c.model.scale_attn_by_inverse_layer_idx = True
+  c.model.dropout = 0.0
+  # 'auto': the Pallas flash kernel on GPU, the XLA reference elsewhere.
+  c.model.attention_impl = 'auto'
+  c.model.dtype = 'bfloat16'  # compute; parameters stay float32
+  c.model.remat = False  # rematerialize each block in the backward pass
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'sample'  # built-in corpus, generated on first use
+  c.data.data_dir = 'data'
+  c.data.seq_len = 1024
+  c.data.prefetch = 2  # batches read ahead by a background thread
+
+  c.batch_size = 512  # global sequences per optimizer step
+  # Sequences per device per forward/backward; the rest of batch_size is
+  # reached by gradient accumulation. 0 means no accumulation.
+  c.micro_batch_size = 0
+  c.steps = 10_000
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 6e-4
+  c.optimizer.warmup_steps = 200
+  c.optimizer.schedule = 'cosine'
+  c.optimizer.min_lr_ratio = 0.1  # final learning rate / peak
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip = 1.0
+
+  c.log_every = 10
+  c.eval_every = 500
+  c.eval_batches = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  return c
+
+
+def gpt3_config(size):
+  """The seed recipe for one GPT-3 size: seq 1024, 512 sequences a step."""
+  shape = GPT3_SIZES[size]
+  c = default_config()
+  c.model.d_model = shape['d_model']
+  c.model.n_layer = shape['n_layer']
+  c.model.n_head = shape['n_head']
+  c.optimizer.learning_rate = shape['learning_rate']
+  c.data.dataset = 'openwebtext'
+  return c
+
+
+def _check(ok, key, message):
+  if not ok:
+    raise ConfigError(key, message)
+
+
+def _check_positive(config, *keys):
+  for key in keys:
+    value = _lookup(config, key)
+    _check(isinstance(value, int) and value > 0, key,
+           f'must be a positive integer, got {value!r}')
+
+
+def _lookup(config, key):
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  return value
+
+
+def validate(config, num_devices):
+  """Raises ConfigError for the first value that cannot work."""
+  m = config.model
+  _check_positive(config, 'model.vocab_size', 'model.max_seq_len',
+                  'model.d_model', 'model.n_layer', 'model.n_head',
+                  'model.mlp_ratio', 'data.seq_len', 'batch_size', 'steps',
+                  'log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
+                  'keep_checkpoints')
+  _check(m.d_model % m.n_head == 0, 'model.n_head',
+         f'{m.n_head} does not divide model.d_model={m.d_model}')
+  _check(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
+         f'{m.attention_impl!r} is not one of {ATTENTION_IMPLS}')
+  _check(m.dtype in DTYPES, 'model.dtype',
+         f'{m.dtype!r} is not one of {DTYPES}')
+  _check(0.0 <= m.dropout < 1.0, 'model.dropout',
+         f'must be in [0, 1), got {m.dropout}')
+  _check(config.data.seq_len <= m.max_seq_len, 'data.seq_len',
+         f'{config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
+  o = config.optimizer
+  _check(o.schedule in SCHEDULES, 'optimizer.schedule',
+         f'{o.schedule!r} is not one of {SCHEDULES}')
+  _check(o.learning_rate > 0, 'optimizer.learning_rate', 'must be positive')
+  _check(0 <= o.warmup_steps <= config.steps, 'optimizer.warmup_steps',
+         f'must be between 0 and steps={config.steps}, got {o.warmup_steps}')
+  _check(0.0 <= o.min_lr_ratio <= 1.0, 'optimizer.min_lr_ratio',
+         f'must be in [0, 1], got {o.min_lr_ratio}')
+  _check(o.grad_clip >= 0, 'optimizer.grad_clip', 'must be >= 0 (0: off)')
+  _check(config.batch_size % num_devices == 0, 'batch_size',
+         f'{config.batch_size} is not divisible by the {num_devices} devices')
+  micro = config.micro_batch_size
+  _check(isinstance(micro, int) and micro >= 0, 'micro_batch_size',
+         f'must be a non-negative integer, got {micro!r}')
+  if micro:
+    per_device = config.batch_size // num_devices
+    _check(per_device % micro == 0, 'micro_batch_size',
+           f'{micro} does not divide the {per_device} sequences per device '
+           f'(batch_size={config.batch_size} over {num_devices} devices)')
+  _check(config.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
+  if config.data.dataset != 'sample':
+    path = os.path.join(config.data.data_dir, config.data.dataset)
+    _check(os.path.isdir(path), 'data.dataset',
+           f'no prepared dataset at {path}; run `python -m jaxflash.data.prepare '
+           f'--dataset {config.data.dataset} --data_dir {config.data.data_dir}`')
+
+
+def accumulation_steps(config, num_devices):
+  """Microbatches per optimizer step (1 when micro_batch_size is 0)."""
+  if not config.micro_batch_size:
+    return 1
+  return config.batch_size // (config.micro_batch_size * num_devices)

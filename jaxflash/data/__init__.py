@@ -1,0 +1,1 @@
+"""Data: tokenization, prepared token shards, and the Grain loader."""

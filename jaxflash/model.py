@@ -1,0 +1,132 @@
+"""GPT of the GPT-2/GPT-3 family in Flax NNX.
+
+Pre-LayerNorm blocks, learned position embeddings, tanh-GELU MLP, tied input
+and output embeddings. Parameters are float32; matmuls run in `dtype`; softmax
+statistics and the loss are float32.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxflash.attention import attention
+
+INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 50264
+  max_seq_len: int = 1024
+  d_model: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  mlp_ratio: int = 4
+  scale_attn_by_inverse_layer_idx: bool = True
+  dropout: float = 0.0
+  attention_impl: str = 'xla'  # resolved: 'xla' or 'flash'
+  dtype: str = 'bfloat16'
+  remat: bool = False
+
+  @property
+  def head_dim(self):
+    return self.d_model // self.n_head
+
+  @classmethod
+  def from_config(cls, model_config, attention_impl):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in model_config.items() if k in fields}
+    kwargs['attention_impl'] = attention_impl
+    return cls(**kwargs)
+
+
+def _dropout(x, rate, key):
+  if not rate or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """x + attn(ln(x)); x + mlp(ln(x))."""
+
+  def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.layer_idx = layer_idx
+    d = cfg.d_model
+    dtype = jnp.dtype(cfg.dtype)
+    init = nnx.initializers.normal(INIT_STD)
+    # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
+    out_init = nnx.initializers.normal(INIT_STD / math.sqrt(2 * cfg.n_layer))
+    linear = lambda i, o, k_init: nnx.Linear(
+        i, o, dtype=dtype, kernel_init=k_init, rngs=rngs)
+    self.ln_1 = nnx.LayerNorm(d, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
+    self.qkv = linear(d, 3 * d, init)
+    self.attn_out = linear(d, d, out_init)
+    self.ln_2 = nnx.LayerNorm(d, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
+    self.fc = linear(d, cfg.mlp_ratio * d, init)
+    self.fc_out = linear(cfg.mlp_ratio * d, d, out_init)
+
+  def __call__(self, x_BxTxD, dropout_key=None):
+    cfg = self.cfg
+    keys = ([None] * 2 if dropout_key is None
+            else list(jax.random.split(dropout_key, 2)))
+    b, t, d = x_BxTxD.shape
+    h = self.ln_1(x_BxTxD).astype(cfg.dtype)
+    qkv_BxTx3xHxK = self.qkv(h).reshape(b, t, 3, cfg.n_head, cfg.head_dim)
+    q, k, v = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
+    sm_scale = cfg.head_dim ** -0.5
+    if cfg.scale_attn_by_inverse_layer_idx:
+      sm_scale /= self.layer_idx + 1
+    y_BxTxHxK = attention(q, k, v, impl=cfg.attention_impl, causal=True,
+                          sm_scale=sm_scale)
+    y_BxTxD = self.attn_out(y_BxTxHxK.reshape(b, t, d))
+    x_BxTxD = x_BxTxD + _dropout(y_BxTxD, cfg.dropout, keys[0])
+    h = self.ln_2(x_BxTxD).astype(cfg.dtype)
+    h = jax.nn.gelu(self.fc(h), approximate=True)
+    x_BxTxD = x_BxTxD + _dropout(self.fc_out(h), cfg.dropout, keys[1])
+    return x_BxTxD
+
+
+class GPT(nnx.Module):
+  """Token ids [batch, seq] -> logits [batch, seq, vocab] in float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    init = nnx.initializers.normal(INIT_STD)
+    self.wte = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init,
+                         rngs=rngs)
+    self.wpe = nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=init,
+                         rngs=rngs)
+    self.blocks = nnx.List(
+        [Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
+    self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=jnp.float32,
+                              rngs=rngs)
+
+  def __call__(self, tokens_BxT, dropout_key=None):
+    cfg = self.cfg
+    t = tokens_BxT.shape[1]
+    # The residual stream stays float32; each block computes in cfg.dtype.
+    x_BxTxD = self.wte(tokens_BxT) + self.wpe(jnp.arange(t))[None]
+    block_keys = ([None] * (cfg.n_layer + 1) if dropout_key is None
+                  else list(jax.random.split(dropout_key, cfg.n_layer + 1)))
+    x_BxTxD = _dropout(x_BxTxD, cfg.dropout, block_keys.pop())
+    for block, key in zip(self.blocks, block_keys):
+      if cfg.remat:
+        x_BxTxD = nnx.remat(lambda blk, x, k: blk(x, k))(block, x_BxTxD, key)
+      else:
+        x_BxTxD = block(x_BxTxD, key)
+    h_BxTxD = self.ln_f(x_BxTxD).astype(cfg.dtype)
+    # Tied output embedding; logits in float32 for a stable softmax.
+    wte = self.wte.embedding[...].astype(cfg.dtype)
+    return jnp.einsum('btd,vd->btv', h_BxTxD, wte,
+                      preferred_element_type=jnp.float32)
+
+
+def count_params(cfg: ModelConfig):
+  """Parameter count without allocating (tied embeddings counted once)."""
+  abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(abstract, nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

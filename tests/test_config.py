@@ -1,0 +1,47 @@
+"""Config validation names the offending key before anything compiles."""
+import pytest
+
+from jaxflash import config as config_lib
+
+
+def _config(**overrides):
+  c = config_lib.default_config()
+  c.model.update(d_model=64, n_head=4, max_seq_len=128)
+  c.data.seq_len = 128
+  c.batch_size = 8
+  for key, value in overrides.items():
+    parent = c
+    *path, leaf = key.split('.')
+    for part in path:
+      parent = parent[part]
+    parent[leaf] = value
+  return c
+
+
+def test_default_config_is_valid():
+  config_lib.validate(_config(), num_devices=1)
+
+
+@pytest.mark.parametrize('key,value,num_devices', [
+    ('model.n_head', 5, 1),
+    ('data.seq_len', 256, 1),
+    ('model.attention_impl', 'cuda', 1),
+    ('model.dtype', 'int8', 1),
+    ('optimizer.schedule', 'step', 1),
+    ('optimizer.warmup_steps', 10**9, 1),
+    ('batch_size', 6, 4),
+    ('micro_batch_size', 3, 1),
+    ('steps', 0, 1),
+    ('model.dropout', 1.5, 1),
+    ('data.dataset', 'not_prepared_here', 1),
+])
+def test_bad_values_name_their_key(key, value, num_devices):
+  with pytest.raises(config_lib.ConfigError, match=f'config.{key}:'):
+    config_lib.validate(_config(**{key: value}), num_devices=num_devices)
+
+
+def test_accumulation_steps():
+  c = _config(batch_size=32, micro_batch_size=4)
+  config_lib.validate(c, num_devices=2)
+  assert config_lib.accumulation_steps(c, num_devices=2) == 4
+  assert config_lib.accumulation_steps(_config(), num_devices=2) == 1

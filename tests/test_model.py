@@ -1,0 +1,89 @@
+"""GPT shapes, parameter counts, and that a few steps overfit one batch."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxflash import config as config_lib
+from jaxflash import optimizer as optimizer_lib
+from jaxflash import trainer
+from jaxflash.model import GPT
+from jaxflash.model import ModelConfig
+from jaxflash.model import count_params
+
+
+def test_gpt2_124m_parameter_count():
+  # GPT-2 small with its unpadded vocabulary: the published 124,439,808.
+  assert count_params(ModelConfig(vocab_size=50257)) == 124_439_808
+
+
+@pytest.mark.parametrize('size,expected', [
+    ('125m', 124_445_184), ('2.7b', 2_648_949_760)])
+def test_gpt3_parameter_counts_from_configs(size, expected):
+  config = config_lib.gpt3_config(size)
+  assert count_params(trainer.model_config(config)) == expected
+
+
+def test_gpt3_2_7b_shape():
+  cfg = trainer.model_config(config_lib.gpt3_config('2.7b'))
+  assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.head_dim) == (
+      2560, 32, 32, 80)
+  assert cfg.vocab_size == 50264 and cfg.vocab_size % 8 == 0
+
+
+def test_init_scales_residual_projections():
+  cfg = ModelConfig(vocab_size=512, max_seq_len=64, d_model=256, n_layer=8,
+                    n_head=4)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  std = lambda x: float(jnp.std(x[...]))
+  assert std(model.blocks[0].qkv.kernel) == pytest.approx(0.02, rel=0.05)
+  assert std(model.blocks[0].fc_out.kernel) == pytest.approx(
+      0.02 / 4, rel=0.05)  # 1 / sqrt(2 * 8)
+  assert std(model.wte.embedding) == pytest.approx(0.02, rel=0.05)
+
+
+def test_logits_are_float32_and_causal():
+  cfg = ModelConfig(vocab_size=64, max_seq_len=16, d_model=32, n_layer=2,
+                    n_head=2)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  logits = model(tokens)
+  assert logits.shape == (2, 16, 64) and logits.dtype == jnp.float32
+  changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 64)
+  # Positions before 10 cannot see token 10.
+  np.testing.assert_array_equal(model(changed)[:, :10], logits[:, :10])
+  assert not np.allclose(model(changed)[:, 10:], logits[:, 10:])
+
+
+def test_weight_decay_mask_skips_biases_norms_embeddings():
+  cfg = ModelConfig(vocab_size=64, max_seq_len=16, d_model=32, n_layer=1,
+                    n_head=2)
+  params = nnx.state(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  mask = nnx.to_pure_dict(optimizer_lib.weight_decay_mask(params))
+  assert mask['blocks'][0]['qkv']['kernel'] is True
+  assert mask['blocks'][0]['qkv']['bias'] is False
+  assert mask['blocks'][0]['ln_1']['scale'] is False
+  assert mask['wte']['embedding'] is False and mask['wpe']['embedding'] is False
+
+
+@pytest.mark.parametrize('accum_steps', [1, 2])
+def test_overfits_a_fixed_batch(accum_steps):
+  config = config_lib.default_config()
+  config.model.update(vocab_size=128, max_seq_len=32, d_model=64, n_layer=2,
+                      n_head=4, dtype='float32', attention_impl='xla')
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+  config.steps = 40
+  cfg = trainer.model_config(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, config.steps)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  state = trainer.init_state(config, (graphdef, params), tx)
+  step = jax.jit(trainer.make_train_step(graphdef, tx, accum_steps, 0.0))
+  batch = jax.random.randint(jax.random.key(1), (8, 33), 0, 128)
+  losses = []
+  for _ in range(config.steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[0] > 4.0  # about ln(128) at init
+  assert losses[-1] < 0.2 * losses[0]
