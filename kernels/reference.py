@@ -68,3 +68,40 @@ def reference_attention(q, k, v, *, causal=False, sm_scale=None,
   if return_lse:
     return out, lse
   return out
+
+
+def reference_attention_bwd(q, k, v, o, lse, do, *, causal=False, sm_scale=None,
+                            segment_ids=None):
+  """Gradients (dq, dk, dv) of one attention block from the softmax statistics.
+
+  FlashAttention-2's backward in pure JAX: P = exp(S - lse) is recomputed from
+  the given lse, and delta = rowsum(dO * O). When o and lse are those of a
+  longer key sequence that k/v are one chunk of (ring attention), this is that
+  chunk's share of the gradient. float32 math; outputs in the inputs' dtypes.
+  """
+  batch, seq_q, heads, head_dim = q.shape
+  seq_kv, kv_heads = k.shape[1], k.shape[2]
+  if sm_scale is None:
+    sm_scale = head_dim ** -0.5
+  group = heads // kv_heads
+  f32 = lambda x: x.astype(jnp.float32)
+  q32 = f32(q).reshape(batch, seq_q, kv_heads, group, head_dim)
+  do32 = f32(do).reshape(batch, seq_q, kv_heads, group, head_dim)
+  o32 = f32(o).reshape(batch, seq_q, kv_heads, group, head_dim)
+  k32, v32 = f32(k), f32(v)
+  q_seg, kv_seg = split_segment_ids(segment_ids, seq_q, seq_kv)
+  mask = attention_mask(seq_q, seq_kv, causal=causal, q_segment_ids=q_seg,
+                        kv_segment_ids=kv_seg)
+  mask = mask.reshape(mask.shape[0], 1, 1, seq_q, seq_kv)
+  lse = lse.reshape(batch, kv_heads, group, seq_q)
+  logits = jnp.einsum('bqhgd,bkhd->bhgqk', q32, k32) * sm_scale
+  finite_lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # no-key rows: P = 0
+  probs = jnp.where(mask, jnp.exp(logits - finite_lse[..., None]), 0.0)
+  delta = jnp.einsum('bqhgd,bqhgd->bhgq', do32, o32)
+  dv = jnp.einsum('bhgqk,bqhgd->bkhd', probs, do32)
+  dprobs = jnp.einsum('bqhgd,bkhd->bhgqk', do32, v32)
+  dlogits = probs * (dprobs - delta[..., None]) * sm_scale
+  dq = jnp.einsum('bhgqk,bkhd->bqhgd', dlogits, k32)
+  dk = jnp.einsum('bhgqk,bqhgd->bkhd', dlogits, q32)
+  dq = dq.reshape(batch, seq_q, heads, head_dim)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

@@ -87,3 +87,23 @@ def test_overfits_a_fixed_batch(accum_steps):
     losses.append(float(metrics['loss']))
   assert losses[0] > 4.0  # about ln(128) at init
   assert losses[-1] < 0.2 * losses[0]
+
+
+def test_flash_attention_model_matches_xla():
+  # The Pallas kernel (interpret mode on CPU) inside the GPT: same loss and
+  # gradients as the reference attention.
+  config = config_lib.default_config()
+  config.model.update(vocab_size=96, max_seq_len=40, d_model=64, n_layer=2,
+                      n_head=4, dtype='float32')
+  tokens = jax.random.randint(jax.random.key(2), (2, 38), 0, 96)
+  results = []
+  for impl in ('xla', 'flash'):
+    config.model.attention_impl = impl
+    model = GPT(trainer.model_config(config), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    results.append(jax.value_and_grad(
+        lambda p, g=graphdef: trainer.loss_fn(g, p, tokens))(params))
+  (loss_xla, grads_xla), (loss_flash, grads_flash) = results
+  np.testing.assert_allclose(loss_flash, loss_xla, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_flash), jax.tree.leaves(grads_xla)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from kernels import reference_attention
+from kernels import reference_attention_bwd
 
 
 def naive_attention(q, k, v, causal, sm_scale, segment_ids=None):
@@ -64,3 +65,25 @@ def test_rows_without_keys_are_zero():
   out, lse = reference_attention(q, k, v, causal=True, return_lse=True)
   np.testing.assert_array_equal(out[0, :2], 0)
   assert np.all(np.isneginf(lse[0, 0, :2])) and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize('causal,tq,tk,h,hk,segments', [
+    (False, 9, 9, 4, 2, False), (True, 9, 9, 2, 2, True),
+    (True, 5, 11, 4, 1, False)])
+def test_bwd_from_lse_equals_autodiff(causal, tq, tk, h, hk, segments):
+  keys = jax.random.split(jax.random.key(tq * tk + h), 5)
+  q = jax.random.normal(keys[0], (2, tq, h, 8))
+  k = jax.random.normal(keys[1], (2, tk, hk, 8))
+  v = jax.random.normal(keys[2], (2, tk, hk, 8))
+  do = jax.random.normal(keys[3], (2, tq, h, 8))
+  seg = (jax.random.randint(keys[4], (2, tq), 0, 2).sort(axis=1)
+         if segments else None)
+  fwd = lambda q, k, v: reference_attention(q, k, v, causal=causal,
+                                            segment_ids=seg)
+  o, vjp = jax.vjp(fwd, q, k, v)
+  _, lse = reference_attention(q, k, v, causal=causal, segment_ids=seg,
+                               return_lse=True)
+  got = reference_attention_bwd(q, k, v, o, lse, do, causal=causal,
+                                segment_ids=seg)
+  for g, want in zip(got, vjp(do)):
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)

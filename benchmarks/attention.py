@@ -1,0 +1,283 @@
+"""Attention benchmark on one GPU: our FlashAttention-2 kernels against cuDNN
+and XLA (jax.nn.dot_product_attention) and JAX's shipped Pallas op.
+
+The FlashAttention-2 paper's setting (batch x seq = 16k tokens, hidden 2048 as
+16 heads x 128 or 32 x 64, seq 512 .. 16k, causal and not) plus the seed
+model's shape (batch 4, seq 1024, 32 heads x 80). bf16, random inputs. Our
+kernel is checked against the float32 reference (one batch row, two heads) at
+each shape before timing. TFLOP/s as FA2 counts: forward 4*b*s^2*h*d, halved
+when causal; forward+backward 3.5x that.
+
+  python benchmarks/attention.py --quick            # a few shapes, all impls
+  python benchmarks/attention.py --shapes s8192_d128,s1024_d80 --impls flash
+  python benchmarks/attention.py --sweep            # our kernel's variants
+Writes <out>/attention_<gpu>.json (default benchmarks/results/).
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top
+from kernels.flash_attention import (BlockSizes, flash_attention,
+                                     flash_attention_bwd, flash_attention_fwd)
+from kernels.reference import reference_attention
+# pylint: enable=g-import-not-at-top
+
+warnings.filterwarnings('ignore', category=DeprecationWarning)
+
+TOKENS = 16 * 1024
+IMPLS = ('flash', 'cudnn', 'xla', 'pallas_mha')
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  batch: int
+  seq: int
+  heads: int
+  head_dim: int
+
+  @property
+  def name(self):
+    return f's{self.seq}_d{self.head_dim}'
+
+
+SHAPES = [Shape(TOKENS // s, s, 2048 // d, d)
+          for d in (128, 64) for s in (512, 1024, 2048, 4096, 8192, 16384)]
+SHAPES.append(Shape(4, 1024, 32, 80))  # the seed model (GPT-3 2.7B)
+QUICK = ('s2048_d128', 's8192_d128', 's2048_d64', 's1024_d80')
+
+
+def fwd_flops(shape, causal):
+  flops = 4 * shape.batch * shape.seq**2 * shape.heads * shape.head_dim
+  return flops / 2 if causal else flops
+
+
+def attention_fn(impl, causal, block_sizes=None):
+  if impl == 'flash':
+    return lambda q, k, v: flash_attention(q, k, v, causal=causal,
+                                           block_sizes=block_sizes)
+  if impl in ('cudnn', 'xla'):
+    return lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation=impl)
+  if impl == 'pallas_mha':
+    # Imported here: the module warns on import, and only peers need it.
+    from jax.experimental.pallas.ops.gpu import attention as mha_op  # pylint: disable=g-import-not-at-top
+    return lambda q, k, v: mha_op.mha(
+        q, k, v, None, sm_scale=q.shape[-1]**-0.5, causal=causal)
+  raise ValueError(f'unknown impl {impl}')
+
+
+def fwd_bwd(attention):
+  def run(q, k, v, do):
+    _, vjp = jax.vjp(attention, q, k, v)
+    return vjp(do)
+  return run
+
+
+def inputs(shape, key, dtype=jnp.bfloat16):
+  keys = jax.random.split(key, 4)
+  dims = (shape.batch, shape.seq, shape.heads, shape.head_dim)
+  return [jax.random.normal(k, dims, dtype) for k in keys]
+
+
+def time_ms(fn, args, min_time=0.25, reps=5):
+  """Median ms per call; calls are queued back to back, then synchronized."""
+  jax.block_until_ready(fn(*args))  # compile, warm up
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = time.perf_counter() - start
+  iters = max(2, min(200, int(min_time / reps / max(once, 1e-6))))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / iters)
+  return 1e3 * statistics.median(times)
+
+
+def rel_err(got, want):
+  got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+  return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+
+def check(shape, causal, block_sizes=None):
+  """Our kernel's max relative error (out, dq, dk, dv) vs the f32 reference,
+  on one batch row and two heads at the full sequence length."""
+  q, k, v, do = [x[:1, :, :2] for x in inputs(shape, jax.random.PRNGKey(1))]
+  ours = attention_fn('flash', causal, block_sizes)
+  ref = lambda q, k, v: reference_attention(q, k, v, causal=causal)
+  got = jax.jit(lambda *a: (ours(*a[:3]), fwd_bwd(ours)(*a)))(q, k, v, do)
+  want = jax.jit(lambda *a: (ref(*a[:3]), fwd_bwd(ref)(*a)))(q, k, v, do)
+  return max(rel_err(g, w) for g, w in zip(jax.tree.leaves(got),
+                                            jax.tree.leaves(want)))
+
+
+def bench_impl(impl, shape, causal, block_sizes=None):
+  q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
+  attention = attention_fn(impl, causal, block_sizes)
+  flops = fwd_flops(shape, causal)
+  fwd_ms = time_ms(jax.jit(attention), (q, k, v))
+  fwdbwd_ms = time_ms(jax.jit(fwd_bwd(attention)), (q, k, v, do))
+  return dict(fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms,
+              tflops_fwd=flops / fwd_ms / 1e9,
+              tflops_fwdbwd=3.5 * flops / fwdbwd_ms / 1e9)
+
+
+def sweep_variants(shape, causal):
+  """(part, BlockSizes): forward tiles, then dK/dV and dQ tiles one at a time
+  around the defaults."""
+  head_dim = shape.head_dim
+  base = BlockSizes.default(head_dim, shape.seq, causal)
+  fwd = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+         (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3)]
+  dkdv = [(64, 128, 8, 2), (32, 128, 4, 2), (32, 128, 8, 3), (64, 128, 4, 2),
+          (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2), (16, 128, 4, 3)]
+  dq = [(128, 64, 8, 2), (128, 32, 4, 2), (128, 32, 8, 3), (128, 64, 4, 2),
+        (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2), (128, 16, 4, 3)]
+  if head_dim > 128:
+    fwd = [(64, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2),
+           (32, 64, 4, 2), (64, 64, 8, 1)]
+    dkdv = [(32, 64, 8, 1), (32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)]
+    dq = [(64, 32, 8, 1), (64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
+  out = []
+  for bq, bk, w, st in fwd:
+    out.append(('fwd', dataclasses.replace(
+        base, block_q=bq, block_k=bk, num_warps=w, num_stages=st)))
+  for bq, bk, w, st in dkdv:
+    out.append(('bwd', dataclasses.replace(
+        base, block_q_dkv=bq, block_k_dkv=bk, num_warps_dkv=w,
+        num_stages_dkv=st)))
+  for bq, bk, w, st in dq:
+    out.append(('bwd', dataclasses.replace(
+        base, block_q_dq=bq, block_k_dq=bk, num_warps_dq=w,
+        num_stages_dq=st)))
+  return out
+
+
+def describe(part, bs):
+  if part == 'fwd':
+    return f'fwd q{bs.block_q} k{bs.block_k} w{bs.num_warps} s{bs.num_stages}'
+  return (f'dkdv q{bs.block_q_dkv} k{bs.block_k_dkv} w{bs.num_warps_dkv} '
+          f's{bs.num_stages_dkv} | dq q{bs.block_q_dq} k{bs.block_k_dq} '
+          f'w{bs.num_warps_dq} s{bs.num_stages_dq}')
+
+
+def sweep(shape, causal):
+  """Times each variant's forward or backward alone."""
+  q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
+  flops = fwd_flops(shape, causal)
+  o, lse = flash_attention_fwd(q, k, v, causal=causal)
+  records = []
+  for part, bs in sweep_variants(shape, causal):
+    try:
+      if part == 'fwd':
+        fn = jax.jit(lambda q, k, v, bs=bs: flash_attention_fwd(
+            q, k, v, causal=causal, block_sizes=bs))
+        ms = time_ms(fn, (q, k, v))
+        tflops = flops / ms / 1e9
+      else:
+        fn = jax.jit(lambda *a, bs=bs: flash_attention_bwd(
+            *a, causal=causal, block_sizes=bs))
+        ms = time_ms(fn, (q, k, v, o, lse, do))
+        tflops = 2.5 * flops / ms / 1e9
+    except Exception as e:  # pylint: disable=broad-except
+      ms, tflops = float('nan'), float('nan')
+      print(f'  {describe(part, bs)}: failed: {str(e)[:200]}')
+    records.append(dict(shape=shape.name, causal=causal, part=part,
+                        variant=describe(part, bs), ms=ms, tflops=tflops))
+    print(f'  {shape.name} causal={causal:d} {describe(part, bs):60s} '
+          f'{ms:8.3f} ms {tflops:6.1f} TFLOP/s', flush=True)
+  return records
+
+
+def compare(shape, causal, impls, check_flash):
+  err = check(shape, causal) if check_flash and 'flash' in impls else None
+  if err is not None:
+    print(f'{shape.name} causal={causal:d}: flash max rel err {err:.2e}',
+          flush=True)
+  records = []
+  for impl in impls:
+    record = dict(impl=impl, b=shape.batch, s=shape.seq, h=shape.heads,
+                  d=shape.head_dim, causal=causal,
+                  rel_err=err if impl == 'flash' else None)
+    try:
+      record.update(bench_impl(impl, shape, causal))
+    except Exception as e:  # pylint: disable=broad-except
+      record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
+    print(json.dumps(record), flush=True)
+    records.append(record)
+  return records
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--shapes', help='comma list of names, e.g. s8192_d128')
+  parser.add_argument('--impls', default=','.join(IMPLS))
+  parser.add_argument('--causal', choices=('both', 'yes', 'no'),
+                      default='both')
+  parser.add_argument('--quick', action='store_true',
+                      help=f'only {",".join(QUICK)}')
+  parser.add_argument('--sweep', action='store_true',
+                      help='time our kernel variants instead of the impls')
+  parser.add_argument('--no-check', action='store_true')
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), 'results'))
+  args = parser.parse_args()
+
+  names = (args.shapes.split(',') if args.shapes else
+           QUICK if args.quick else [s.name for s in SHAPES])
+  shapes = [s for s in SHAPES if s.name in names]
+  causals = {'both': (False, True), 'yes': (True,), 'no': (False,)}[args.causal]
+  impls = args.impls.split(',')
+  device = jax.devices()[0].device_kind
+  print(f'{device}, jax {jax.__version__}', flush=True)
+
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, f'attention{"_sweep" if args.sweep else ""}'
+                      f'_{device.replace(" ", "_")}.json')
+  meta = dict(device=device, date=datetime.datetime.now().isoformat(),
+              jax=jax.__version__)
+  records = []
+  for shape in shapes:
+    for causal in causals:
+      records += (sweep(shape, causal) if args.sweep else
+                  compare(shape, causal, impls, check_flash=not args.no_check))
+      with open(path, 'w') as f:  # after each shape: a cut-off run keeps some
+        json.dump(dict(meta, records=records), f, indent=1)
+  print(f'wrote {path}')
+  if not args.sweep:
+    print_table(records)
+
+
+def print_table(records):
+  impls = list(dict.fromkeys(r['impl'] for r in records))
+  rows = list(dict.fromkeys((r['s'], r['d'], r['b'], r['h'], r['causal'])
+                            for r in records))
+  print('TFLOP/s fwd / fwd+bwd')
+  print(f'{"shape":28s}' + ''.join(f'{i:>16s}' for i in impls))
+  for s, d, b, h, causal in rows:
+    cells = []
+    for impl in impls:
+      r = next((r for r in records if r['impl'] == impl and
+                (r['s'], r['d'], r['b'], r['h'], r['causal']) ==
+                (s, d, b, h, causal)), None)
+      cells.append('-' if r is None or 'error' in r else
+                   f'{r["tflops_fwd"]:.0f} / {r["tflops_fwdbwd"]:.0f}')
+    name = f's{s} d{d} b{b} h{h}{" causal" if causal else ""}'
+    print(f'{name:28s}' + ''.join(f'{c:>16s}' for c in cells))
+
+
+if __name__ == '__main__':
+  main()
