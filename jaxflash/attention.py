@@ -1,26 +1,37 @@
 """The model's one attention entry point, dispatching on `impl`."""
 import jax
 
+from jaxflash import ring
+from kernels import flash_attention
 from kernels import reference_attention
 
 IMPLS = ('xla', 'flash')
 
 
 def resolve_impl(impl):
-  """'auto' is the Pallas flash kernel on GPU and the XLA reference elsewhere."""
+  """'auto': the Pallas flash kernel on GPU, the XLA reference elsewhere."""
   if impl != 'auto':
     return impl
   return 'flash' if jax.default_backend() == 'gpu' else 'xla'
 
 
 def attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, *, impl, causal=True,
-              sm_scale=None):
-  """Softmax attention; [batch, seq, heads, head_dim] in and out."""
+              sm_scale=None, seq_parallel=1):
+  """Softmax attention; [batch, seq, heads, head_dim] in and out.
+
+  With seq_parallel > 1 the sequence is sharded over the mesh axis 'seq' of
+  the current mesh (jax.set_mesh) in zigzag order, and ring attention runs
+  `impl` on each block.
+  """
+  if seq_parallel > 1:
+    return ring.ring_attention(
+        q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, mesh=jax.sharding.get_abstract_mesh(),
+        seq_axis='seq', causal=causal, sm_scale=sm_scale, layout='zigzag',
+        impl=impl)
   if impl == 'xla':
     return reference_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, causal=causal,
                                sm_scale=sm_scale)
   if impl == 'flash':
-    from kernels import flash_attention  # pylint: disable=g-import-not-at-top
     return flash_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, causal=causal,
                            sm_scale=sm_scale,
                            interpret=jax.default_backend() != 'gpu')

@@ -17,6 +17,10 @@ GPT3_SIZES = {
 }
 
 ATTENTION_IMPLS = ('auto', 'xla', 'flash')
+# none; full: recompute each block; save_attention: recompute each block but
+# keep attention's output and lse (the attention forward never re-runs);
+# dots: keep matmul outputs.
+REMAT_POLICIES = ('none', 'full', 'save_attention', 'dots')
 SCHEDULES = ('cosine', 'linear')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -46,7 +50,12 @@ def default_config():
   # 'auto': the Pallas flash kernel on GPU, the XLA reference elsewhere.
   c.model.attention_impl = 'auto'
   c.model.dtype = 'bfloat16'  # compute; parameters stay float32
-  c.model.remat = False  # rematerialize each block in the backward pass
+  c.model.remat = 'none'  # one of REMAT_POLICIES
+
+  # Devices on the 'seq' mesh axis: ring attention over the sequence
+  # (zigzag layout). The remaining devices form the 'data' axis.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.seq = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'sample'  # built-in corpus, generated on first use
@@ -117,13 +126,15 @@ def validate(config, num_devices):
                   'model.d_model', 'model.n_layer', 'model.n_head',
                   'model.mlp_ratio', 'data.seq_len', 'batch_size', 'steps',
                   'log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
-                  'keep_checkpoints')
+                  'keep_checkpoints', 'mesh.seq')
   _check(m.d_model % m.n_head == 0, 'model.n_head',
          f'{m.n_head} does not divide model.d_model={m.d_model}')
   _check(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
          f'{m.attention_impl!r} is not one of {ATTENTION_IMPLS}')
   _check(m.dtype in DTYPES, 'model.dtype',
          f'{m.dtype!r} is not one of {DTYPES}')
+  _check(m.remat in REMAT_POLICIES, 'model.remat',
+         f'{m.remat!r} is not one of {REMAT_POLICIES}')
   _check(0.0 <= m.dropout < 1.0, 'model.dropout',
          f'must be in [0, 1), got {m.dropout}')
   _check(config.data.seq_len <= m.max_seq_len, 'data.seq_len',
@@ -137,16 +148,26 @@ def validate(config, num_devices):
   _check(0.0 <= o.min_lr_ratio <= 1.0, 'optimizer.min_lr_ratio',
          f'must be in [0, 1], got {o.min_lr_ratio}')
   _check(o.grad_clip >= 0, 'optimizer.grad_clip', 'must be >= 0 (0: off)')
-  _check(config.batch_size % num_devices == 0, 'batch_size',
-         f'{config.batch_size} is not divisible by the {num_devices} devices')
+  seq = config.mesh.seq
+  _check(num_devices % seq == 0, 'mesh.seq',
+         f'{seq} does not divide the {num_devices} devices')
+  if seq > 1:
+    _check(config.data.seq_len % (2 * seq) == 0, 'data.seq_len',
+           f'{config.data.seq_len} is not divisible by 2 * mesh.seq = '
+           f'{2 * seq} (zigzag ring attention)')
+  data_parallel = num_devices // seq
+  _check(config.batch_size % data_parallel == 0, 'batch_size',
+         f'{config.batch_size} is not divisible by the {data_parallel} '
+         'data-parallel devices')
   micro = config.micro_batch_size
   _check(isinstance(micro, int) and micro >= 0, 'micro_batch_size',
          f'must be a non-negative integer, got {micro!r}')
   if micro:
-    per_device = config.batch_size // num_devices
+    per_device = config.batch_size // data_parallel
     _check(per_device % micro == 0, 'micro_batch_size',
            f'{micro} does not divide the {per_device} sequences per device '
-           f'(batch_size={config.batch_size} over {num_devices} devices)')
+           f'(batch_size={config.batch_size} over {data_parallel} '
+           'data-parallel devices)')
   _check(config.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
   if config.data.dataset != 'sample':
     path = os.path.join(config.data.data_dir, config.data.dataset)
@@ -159,4 +180,5 @@ def accumulation_steps(config, num_devices):
   """Microbatches per optimizer step (1 when micro_batch_size is 0)."""
   if not config.micro_batch_size:
     return 1
-  return config.batch_size // (config.micro_batch_size * num_devices)
+  data_parallel = num_devices // config.mesh.seq
+  return config.batch_size // (config.micro_batch_size * data_parallel)

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxflash import ring
 from jaxflash.attention import attention
+from kernels.flash_attention import RESIDUAL_NAMES
 
 INIT_STD = 0.02
 
@@ -28,18 +30,27 @@ class ModelConfig:
   dropout: float = 0.0
   attention_impl: str = 'xla'  # resolved: 'xla' or 'flash'
   dtype: str = 'bfloat16'
-  remat: bool = False
+  remat: str = 'none'
+  seq_parallel: int = 1  # devices on the mesh axis 'seq' (ring attention)
 
   @property
   def head_dim(self):
     return self.d_model // self.n_head
 
   @classmethod
-  def from_config(cls, model_config, attention_impl):
+  def from_config(cls, config, attention_impl):
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in model_config.items() if k in fields}
-    kwargs['attention_impl'] = attention_impl
+    kwargs = {k: v for k, v in config.model.items() if k in fields}
+    kwargs.update(attention_impl=attention_impl, seq_parallel=config.mesh.seq)
     return cls(**kwargs)
+
+
+REMAT_POLICIES = {
+    'full': None,
+    'save_attention': jax.checkpoint_policies.save_only_these_names(
+        *RESIDUAL_NAMES),
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def _dropout(x, rate, key):
@@ -81,7 +92,7 @@ class Block(nnx.Module):
     if cfg.scale_attn_by_inverse_layer_idx:
       sm_scale /= self.layer_idx + 1
     y_BxTxHxK = attention(q, k, v, impl=cfg.attention_impl, causal=True,
-                          sm_scale=sm_scale)
+                          sm_scale=sm_scale, seq_parallel=cfg.seq_parallel)
     y_BxTxD = self.attn_out(y_BxTxHxK.reshape(b, t, d))
     x_BxTxD = x_BxTxD + _dropout(y_BxTxD, cfg.dropout, keys[0])
     h = self.ln_2(x_BxTxD).astype(cfg.dtype)
@@ -91,7 +102,11 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-  """Token ids [batch, seq] -> logits [batch, seq, vocab] in float32."""
+  """Token ids [batch, seq] -> logits [batch, seq, vocab] in float32.
+
+  With seq_parallel > 1 the sequence is in ring attention's zigzag order:
+  pass the matching `positions_T` (ring.to_layout of arange).
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -105,19 +120,24 @@ class GPT(nnx.Module):
     self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=jnp.float32,
                               rngs=rngs)
 
-  def __call__(self, tokens_BxT, dropout_key=None):
+  def __call__(self, tokens_BxT, positions_T=None, dropout_key=None):
     cfg = self.cfg
-    t = tokens_BxT.shape[1]
+    if positions_T is None:
+      positions_T = jnp.arange(tokens_BxT.shape[1])
     # The residual stream stays float32; each block computes in cfg.dtype.
-    x_BxTxD = self.wte(tokens_BxT) + self.wpe(jnp.arange(t))[None]
+    x_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_T)[None]
+    if cfg.seq_parallel > 1:
+      x_BxTxD = jax.lax.with_sharding_constraint(
+          x_BxTxD, jax.sharding.PartitionSpec(
+              ring.batch_axes(jax.sharding.get_abstract_mesh(), 'seq'), 'seq'))
     block_keys = ([None] * (cfg.n_layer + 1) if dropout_key is None
                   else list(jax.random.split(dropout_key, cfg.n_layer + 1)))
     x_BxTxD = _dropout(x_BxTxD, cfg.dropout, block_keys.pop())
+    run_block = lambda block, x, key: block(x, key)
+    if cfg.remat != 'none':
+      run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
     for block, key in zip(self.blocks, block_keys):
-      if cfg.remat:
-        x_BxTxD = nnx.remat(lambda blk, x, k: blk(x, k))(block, x_BxTxD, key)
-      else:
-        x_BxTxD = block(x_BxTxD, key)
+      x_BxTxD = run_block(block, x_BxTxD, key)
     h_BxTxD = self.ln_f(x_BxTxD).astype(cfg.dtype)
     # Tied output embedding; logits in float32 for a stable softmax.
     wte = self.wte.embedding[...].astype(cfg.dtype)

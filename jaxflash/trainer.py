@@ -15,6 +15,7 @@ from jaxflash import checkpoint
 from jaxflash import config as config_lib
 from jaxflash import metrics as metrics_lib
 from jaxflash import optimizer as optimizer_lib
+from jaxflash import ring
 from jaxflash.attention import resolve_impl
 from jaxflash.data import loader
 from jaxflash.data import prepare
@@ -24,16 +25,23 @@ from jaxflash.model import count_params
 
 
 def model_config(config):
-  return ModelConfig.from_config(config.model,
+  return ModelConfig.from_config(config,
                                  resolve_impl(config.model.attention_impl))
 
 
 def loss_fn(graphdef, params, tokens_BxT1, dropout_key=None):
   """Mean next-token cross-entropy in float32."""
   model = nnx.merge(graphdef, params)
-  logits_BxTxV = model(tokens_BxT1[:, :-1], dropout_key)
+  inputs_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+  positions_T = jnp.arange(inputs_BxT.shape[1])
+  n = model.cfg.seq_parallel
+  if n > 1:  # ring attention's balanced order; the mean loss is unchanged
+    inputs_BxT, targets_BxT = (ring.to_layout(x, n, 'zigzag')
+                               for x in (inputs_BxT, targets_BxT))
+    positions_T = ring.to_layout(positions_T, n, 'zigzag', axis=0)
+  logits_BxTxV = model(inputs_BxT, positions_T, dropout_key)
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV, tokens_BxT1[:, 1:]).mean()
+      logits_BxTxV, targets_BxT).mean()
 
 
 def init_state(config, graphdef_and_params, tx):
@@ -100,82 +108,86 @@ def train(config, workdir):
   if config.data.dataset == 'sample':
     prepare.prepare_sample(config.data.data_dir)
 
-  mesh = jax.make_mesh((num_devices,), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-  cfg = model_config(config)
-  accum_steps = config_lib.accumulation_steps(config, num_devices)
-  tx = optimizer_lib.make_optimizer(config.optimizer, config.steps)
-  schedule = optimizer_lib.learning_rate_schedule(config.optimizer,
-                                                  config.steps)
+  seq = config.mesh.seq
+  mesh = jax.make_mesh((num_devices // seq, seq), ('data', 'seq'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  # The model finds the mesh here for ring attention's shard_map.
+  with jax.set_mesh(mesh):
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P('data'))
+    cfg = model_config(config)
+    accum_steps = config_lib.accumulation_steps(config, num_devices)
+    tx = optimizer_lib.make_optimizer(config.optimizer, config.steps)
+    schedule = optimizer_lib.learning_rate_schedule(config.optimizer,
+                                                    config.steps)
 
-  def build():
-    model = GPT(cfg, rngs=nnx.Rngs(config.seed))
-    return init_state(config, nnx.split(model, nnx.Param), tx)
+    def build():
+      model = GPT(cfg, rngs=nnx.Rngs(config.seed))
+      return init_state(config, nnx.split(model, nnx.Param), tx)
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
-  abstract_state = jax.eval_shape(build)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state, state_sharding)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+    abstract_state = jax.eval_shape(build)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_state, state_sharding)
 
-  data_iterator = iter(loader.train_dataset(config))
-  manager = checkpoint.make_manager(workdir, config)
-  state = checkpoint.restore_latest(manager, abstract_state, data_iterator)
-  if state is None:
-    state = jax.jit(build, out_shardings=state_sharding)()
-  start_step = int(state['step'])
-  writer = metrics_lib.MetricsWriter(workdir)
-  num_params = count_params(cfg)
-  tokens_per_step = config.batch_size * config.data.seq_len
-  flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
-      cfg, num_params, config.data.seq_len)
-  peak = metrics_lib.peak_flops_per_device()
-  if jax.process_index() == 0:
-    resumed = f'resuming at step {start_step}' if start_step else 'from scratch'
-    print(f'{num_params:,} parameters | {num_devices} devices | attention '
-          f'{cfg.attention_impl} | accumulation {accum_steps} | {resumed}',
-          flush=True)
+    data_iterator = iter(loader.train_dataset(config))
+    manager = checkpoint.make_manager(workdir, config)
+    state = checkpoint.restore_latest(manager, abstract_state, data_iterator)
+    if state is None:
+      state = jax.jit(build, out_shardings=state_sharding)()
+    start_step = int(state['step'])
+    writer = metrics_lib.MetricsWriter(workdir)
+    num_params = count_params(cfg)
+    tokens_per_step = config.batch_size * config.data.seq_len
+    flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
+        cfg, num_params, config.data.seq_len)
+    peak = metrics_lib.peak_flops_per_device()
+    if jax.process_index() == 0:
+      resumed = (f'resuming at step {start_step}' if start_step
+                 else 'from scratch')
+      print(f'{num_params:,} parameters | {num_devices} devices | attention '
+            f'{cfg.attention_impl} | accumulation {accum_steps} | {resumed}',
+            flush=True)
 
-  train_step = jax.jit(
-      make_train_step(graphdef, tx, accum_steps, cfg.dropout),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(lambda params, batch: loss_fn(graphdef, params, batch),
-                      in_shardings=(state_sharding['params'], batch_sharding),
-                      out_shardings=replicated)
-  to_global = lambda local: jax.make_array_from_process_local_data(
-      batch_sharding, local)
-  eval_data = [to_global(b) for b in loader.eval_batches(config)]
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, accum_steps, cfg.dropout),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated), donate_argnums=0)
+    eval_step = jax.jit(lambda params, batch: loss_fn(graphdef, params, batch),
+                        in_shardings=(state_sharding['params'], batch_sharding),
+                        out_shardings=replicated)
+    to_global = lambda local: jax.make_array_from_process_local_data(
+        batch_sharding, local)
+    eval_data = [to_global(b) for b in loader.eval_batches(config)]
 
-  timer_start, timer_step = None, start_step
-  for step in range(start_step, config.steps):
-    state, step_metrics = train_step(state, to_global(next(data_iterator)))
-    done = step + 1
-    if timer_start is None:  # leave compilation out of the throughput
-      jax.block_until_ready(step_metrics)
-      timer_start, timer_step = time.perf_counter(), done
-    if done % config.log_every == 0 or done in (1, config.steps):
-      loss = float(step_metrics['loss'])  # waits for the step
-      elapsed = time.perf_counter() - timer_start
-      steps_timed = done - timer_step
-      step_time = elapsed / steps_timed if steps_timed else None
-      tokens_per_sec = tokens_per_step / step_time if step_time else None
-      mfu = (flops_per_step / step_time / (peak * num_devices)
-             if step_time and peak else None)
-      record = dict(step=done, loss=loss,
-                    grad_norm=float(step_metrics['grad_norm']),
-                    lr=float(schedule(step)), tokens_per_sec=tokens_per_sec,
-                    mfu=mfu, step_time=step_time)
-      if done % config.eval_every == 0 or done == config.steps:
-        record['eval_loss'] = float(np.mean(
-            [eval_step(state['params'], b) for b in eval_data]))
-      writer.write(record)
-      timer_start, timer_step = time.perf_counter(), done
-    if done % config.checkpoint_every == 0 or done == config.steps:
-      checkpoint.save(manager, done, state, data_iterator)
-  manager.wait_until_finished()
-  manager.close()
-  return state
+    timer_start, timer_step = None, start_step
+    for step in range(start_step, config.steps):
+      state, step_metrics = train_step(state, to_global(next(data_iterator)))
+      done = step + 1
+      if timer_start is None:  # leave compilation out of the throughput
+        jax.block_until_ready(step_metrics)
+        timer_start, timer_step = time.perf_counter(), done
+      if done % config.log_every == 0 or done in (1, config.steps):
+        loss = float(step_metrics['loss'])  # waits for the step
+        elapsed = time.perf_counter() - timer_start
+        steps_timed = done - timer_step
+        step_time = elapsed / steps_timed if steps_timed else None
+        tokens_per_sec = tokens_per_step / step_time if step_time else None
+        mfu = (flops_per_step / step_time / (peak * num_devices)
+               if step_time and peak else None)
+        record = dict(step=done, loss=loss,
+                      grad_norm=float(step_metrics['grad_norm']),
+                      lr=float(schedule(step)), tokens_per_sec=tokens_per_sec,
+                      mfu=mfu, step_time=step_time)
+        if done % config.eval_every == 0 or done == config.steps:
+          record['eval_loss'] = float(np.mean(
+              [eval_step(state['params'], b) for b in eval_data]))
+        writer.write(record)
+        timer_start, timer_step = time.perf_counter(), done
+      if done % config.checkpoint_every == 0 or done == config.steps:
+        checkpoint.save(manager, done, state, data_iterator)
+    manager.wait_until_finished()
+    manager.close()
+    return state

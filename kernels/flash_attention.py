@@ -12,6 +12,7 @@ starts every output as NaN, so a tile left unwritten shows up in tests).
 import functools
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from kernels import flash_triton
@@ -20,6 +21,9 @@ from kernels.flash_triton import BlockSizes
 from kernels.reference import split_segment_ids
 
 MAX_HEAD_DIM = 256
+# Names of the forward's saved output and lse, for remat policies that keep
+# them so a rematerialized layer never re-runs the attention forward.
+RESIDUAL_NAMES = ('attention_out', 'attention_lse')
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -127,6 +131,8 @@ def _attention_fwd(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
                    block_sizes):
   o, lse = _attention(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
                       block_sizes)
+  o, lse = (checkpoint_name(x, name) for x, name in zip((o, lse),
+                                                         RESIDUAL_NAMES))
   return (o, lse), (q, k, v, q_seg, kv_seg, o, lse)
 
 

@@ -1,6 +1,9 @@
-"""Skips tests marked `gpu` where JAX sees no GPU."""
+"""Eight CPU devices for mesh tests; skips tests marked `gpu` without a GPU."""
 import jax
 import pytest
+
+# Before any backend starts: ring attention tests need several devices.
+jax.config.update('jax_num_cpu_devices', 8)
 
 
 def pytest_collection_modifyitems(config, items):

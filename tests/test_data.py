@@ -51,13 +51,9 @@ def test_prepare_writes_counts_and_reuses(tmp_path):
 
 
 def test_interrupted_prepare_leaves_nothing(tmp_path):
-  def documents():
-    yield 'one document'
-    raise KeyboardInterrupt
-
   class Exploding(list):
-    def __iter__(self):
-      return documents()
+    def __getitem__(self, index):
+      raise KeyboardInterrupt
 
   with pytest.raises(KeyboardInterrupt):
     prepare.write_dataset(Exploding(['a', 'b']), str(tmp_path / 'x'),
@@ -142,3 +138,60 @@ def test_processes_read_disjoint_slices(toy_data, monkeypatch):
     hosts = {tuple(r) for r in np.concatenate([a, b])}
     # Together the hosts read exactly the one-process global batch.
     assert hosts == {tuple(r) for r in expected[step]} and len(hosts) == 4
+
+
+def test_processes_split_an_epoch_without_overlap(toy_data, monkeypatch):
+  config = _config(toy_data)
+  n = len(loader.windows(str(toy_data), 'toy', 'train', 8))
+  rows = []
+  for index in range(2):
+    monkeypatch.setattr(loader.jax, 'process_index', lambda i=index: i)
+    monkeypatch.setattr(loader.jax, 'process_count', lambda: 2)
+    it = iter(loader.train_dataset(config))
+    rows.append([tuple(r) for _ in range(n // 4) for r in next(it)])
+  # n // 4 global batches of 4 is at most an epoch: hosts never share a window.
+  assert not set(rows[0]) & set(rows[1])
+  assert len(set(rows[0]) | set(rows[1])) == 2 * len(rows[0]) == n // 4 * 4
+
+
+def test_orbax_checkpoint_resumes_with_the_next_batch(toy_data, tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxflash import checkpoint  # pylint: disable=g-import-not-at-top
+  config = _config(toy_data)
+  config.keep_checkpoints = 2
+  state = dict(step=jnp.zeros((), jnp.int32))
+  it = iter(loader.train_dataset(config))
+  for _ in range(3):
+    next(it)
+  manager = checkpoint.make_manager(str(tmp_path / 'run'), config)
+  checkpoint.save(manager, 3, state, it)
+  manager.wait_until_finished()
+  expected = [next(it) for _ in range(2)]
+  again = iter(loader.train_dataset(config))
+  manager = checkpoint.make_manager(str(tmp_path / 'run'), config)
+  assert checkpoint.restore_latest(manager, state, again) is not None
+  for batch in expected:
+    np.testing.assert_array_equal(next(again), batch)
+  manager.close()
+
+
+def test_sample_goes_through_the_writer_and_is_cheap_to_reuse(tmp_path):
+  import time  # pylint: disable=g-import-not-at-top
+  meta = prepare.prepare_sample(str(tmp_path))
+  assert meta['source'] == 'jaxflash.data.sample_corpus'
+  assert meta['documents'] == 4000 and meta['split_method']
+  start = time.perf_counter()
+  assert prepare.prepare_sample(str(tmp_path)) == meta
+  assert time.perf_counter() - start < 0.05
+
+
+def test_worker_count_does_not_change_the_output(tmp_path):
+  docs = [f'Doc {i}: ' + 'word ' * (i % 17) for i in range(3000)]
+  metas = [prepare.write_dataset(docs, str(tmp_path / f'w{w}'), source='test',
+                                 val_fraction=0.01, seed=5, workers=w)
+           for w in (1, 2)]
+  assert metas[0] == metas[1]
+  for split in prepare.SPLITS:
+    for name in metas[0]['splits'][split]['shards']:
+      assert ((tmp_path / 'w1' / name).read_bytes() ==
+              (tmp_path / 'w2' / name).read_bytes())
