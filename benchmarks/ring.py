@@ -9,6 +9,10 @@ sequence of N x T tokens, T tokens per GPU, 16 heads x 128, bf16, for:
                (blocks of future chunks masked by segment ids, not skipped)
   compute_only zigzag with communicate=False: same compute, no transfers
   comm_only    the ring's transfers alone (K/V forward; K/V + dK/dV backward)
+  remat_full   zigzag under jax.checkpoint saving nothing: the backward
+               re-runs the forward ring
+  remat_save   zigzag under jax.checkpoint with the model's 'save_attention'
+               policy (attention output and lse kept)
   single       the FA2 kernel on one GPU, causal, seq T (same tokens per GPU)
 
   python benchmarks/ring.py [--tokens 8192,16384,32768] [--gpus 2,4]
@@ -32,6 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxflash import ring
+from jaxflash.model import REMAT_POLICIES
 from kernels import flash_attention
 # pylint: enable=g-import-not-at-top
 
@@ -51,10 +56,14 @@ def time_fn(fn, *args, warmup=2, reps=10):
 
 
 def fwd_bwd(attn):
-  """jit(q, k, v, do) -> (dq, dk, dv) through attn's forward and backward."""
+  """jit(q, k, v, do) -> (out, dq, dk, dv): attn's forward and backward.
+
+  The output is returned, as a model uses it, so a remat policy that saves
+  nothing really runs the forward twice.
+  """
   def run(q, k, v, do):
-    _, vjp = jax.vjp(attn, q, k, v)
-    return vjp(do)
+    out, vjp = jax.vjp(attn, q, k, v)
+    return out, *vjp(do)
   return jax.jit(run)
 
 
@@ -125,11 +134,27 @@ def check_correct(mesh, n, seq):
   return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
+def print_schedule(fn, args):
+  """The compiled entry computation's order of transfers and kernels."""
+  text = fn.lower(*args).compile().as_text()
+  entry = text[text.index('ENTRY'):]
+  keys = ('collective-permute-start', 'collective-permute-done',
+          'collective-permute(', 'custom-call', 'conditional')
+  for line in entry.splitlines():
+    op = next((k for k in keys if k in line), None)
+    if op:
+      print('  ', op, line.split('=')[0].strip()[:60])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--tokens', default='8192,16384,32768',
                       help='tokens per GPU')
   parser.add_argument('--gpus', default=None, help='ring sizes, e.g. 2,4')
+  parser.add_argument('--variants', default=None,
+                      help='comma list, e.g. zigzag,compute_only')
+  parser.add_argument('--schedule', action='store_true',
+                      help='print the compiled zigzag schedule and stop')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results'))
   args = parser.parse_args()
@@ -162,8 +187,22 @@ def main():
               communicate=False)),
           'allgather': fwd_bwd(allgather_attention(mesh, n)),
           'comm_only': comm_only(mesh, n),
+          'remat_full': fwd_bwd(jax.checkpoint(
+              lambda q, k, v: ring.ring_attention(
+                  q, k, v, mesh=mesh, layout='zigzag', impl='flash'),
+              policy=jax.checkpoint_policies.nothing_saveable)),
+          'remat_save': fwd_bwd(jax.checkpoint(
+              lambda q, k, v: ring.ring_attention(
+                  q, k, v, mesh=mesh, layout='zigzag', impl='flash'),
+              policy=REMAT_POLICIES['save_attention'])),
       }
+      if args.variants:
+        variants = {k: variants[k] for k in args.variants.split(',')}
       args_n = inputs(mesh, seq)
+      if args.schedule:
+        print(f'N={n} T={t} zigzag fwd+bwd schedule:')
+        print_schedule(variants['zigzag'], args_n)
+        continue
       for name, fn in variants.items():
         try:
           ms = time_fn(fn, *args_n) * 1e3

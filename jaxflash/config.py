@@ -82,7 +82,7 @@ def default_config():
 
   c.log_every = 10
   c.eval_every = 500
-  c.eval_batches = 10
+  c.eval_batches = 10  # 0: no evaluation
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   return c
@@ -125,7 +125,7 @@ def validate(config, num_devices):
   _check_positive(config, 'model.vocab_size', 'model.max_seq_len',
                   'model.d_model', 'model.n_layer', 'model.n_head',
                   'model.mlp_ratio', 'data.seq_len', 'batch_size', 'steps',
-                  'log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
+                  'log_every', 'eval_every', 'checkpoint_every',
                   'keep_checkpoints', 'mesh.seq')
   _check(m.d_model % m.n_head == 0, 'model.n_head',
          f'{m.n_head} does not divide model.d_model={m.d_model}')
@@ -145,6 +145,8 @@ def validate(config, num_devices):
   _check(o.learning_rate > 0, 'optimizer.learning_rate', 'must be positive')
   _check(0 <= o.warmup_steps <= config.steps, 'optimizer.warmup_steps',
          f'must be between 0 and steps={config.steps}, got {o.warmup_steps}')
+  _check(isinstance(config.eval_batches, int) and config.eval_batches >= 0,
+         'eval_batches', f'must be >= 0, got {config.eval_batches!r}')
   _check(0.0 <= o.min_lr_ratio <= 1.0, 'optimizer.min_lr_ratio',
          f'must be in [0, 1], got {o.min_lr_ratio}')
   _check(o.grad_clip >= 0, 'optimizer.grad_clip', 'must be >= 0 (0: off)')

@@ -23,6 +23,13 @@ def peak_flops_per_device():
   return None
 
 
+def peak_memory_gib():
+  """Peak device memory in use so far on this process's first device."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return peak / 2**30 if peak else None
+
+
 class MetricsWriter:
   """Prints a line and appends a JSON record per call, on process 0 only."""
 

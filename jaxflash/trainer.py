@@ -180,8 +180,10 @@ def train(config, workdir):
         record = dict(step=done, loss=loss,
                       grad_norm=float(step_metrics['grad_norm']),
                       lr=float(schedule(step)), tokens_per_sec=tokens_per_sec,
-                      mfu=mfu, step_time=step_time)
-        if done % config.eval_every == 0 or done == config.steps:
+                      mfu=mfu, step_time=step_time,
+                      peak_mem_gib=metrics_lib.peak_memory_gib())
+        if eval_data and (done % config.eval_every == 0
+                          or done == config.steps):
           record['eval_loss'] = float(np.mean(
               [eval_step(state['params'], b) for b in eval_data]))
         writer.write(record)

@@ -34,10 +34,17 @@ def test_default_config_is_valid():
     ('steps', 0, 1),
     ('model.dropout', 1.5, 1),
     ('data.dataset', 'not_prepared_here', 1),
+    ('eval_batches', -1, 1),
+    ('mesh.seq', 3, 4),
+    ('data.seq_len', 102, 4),  # with mesh.seq=2 below: not divisible by 4
+    ('model.remat', 'some', 1),
 ])
 def test_bad_values_name_their_key(key, value, num_devices):
+  overrides = {key: value}
+  if key == 'data.seq_len' and value == 102:
+    overrides['mesh.seq'] = 2
   with pytest.raises(config_lib.ConfigError, match=f'config.{key}:'):
-    config_lib.validate(_config(**{key: value}), num_devices=num_devices)
+    config_lib.validate(_config(**overrides), num_devices=num_devices)
 
 
 def test_accumulation_steps():

@@ -59,6 +59,8 @@ def train_dataset(config):
 
 def eval_batches(config):
   """The first eval_batches batches of the validation split, in order."""
+  if not config.eval_batches:
+    return []
   source = windows(config.data.data_dir, config.data.dataset, 'validation',
                    config.data.seq_len)
   ds = grain.MapDataset.source(source).repeat()
