@@ -14,6 +14,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Checkpoints and metrics go here; default runs/<config>.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'HOST:PORT of process 0, for a run over several processes or hosts; '
+    'with --num_processes and --process_id. Without these, SLURM and Open MPI '
+    'launches are detected.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process: 0 .. num_processes - 1.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -44,7 +53,13 @@ def main(argv):
   config_path = flags.FLAGS['config'].config_filename
   if not os.path.isfile(config_path):
     sys.exit(f'error: --config: no such file {config_path}')
+  from jaxflash import distributed  # pylint: disable=g-import-not-at-top
   from jaxflash import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+  except distributed.LaunchError as e:
+    sys.exit(f'error: {e}')
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(config_path))[0])
   try:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -106,6 +107,10 @@ def train(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   _write_config(workdir, config)
   if config.data.dataset == 'sample':
+    # Process 0 first, so processes sharing a disk do not all build it.
+    if jax.process_index() == 0:
+      prepare.prepare_sample(config.data.data_dir)
+    multihost_utils.sync_global_devices('sample data prepared')
     prepare.prepare_sample(config.data.data_dir)
 
   seq = config.mesh.seq

@@ -177,7 +177,15 @@ def write_dataset(documents, out_dir, *, source, val_fraction, seed,
                                    tokens=writer.tokens, shards=writer.shards)
     with open(os.path.join(tmp_dir, 'meta.json'), 'w') as f:
       json.dump(meta, f, indent=2)
-    os.rename(tmp_dir, out_dir)
+    try:
+      os.rename(tmp_dir, out_dir)
+    except OSError:
+      # Another process (e.g. a second host on a shared disk) finished first:
+      # use its dataset if the settings match.
+      meta = _existing(out_dir, settings)
+      if meta is None:
+        raise
+      shutil.rmtree(tmp_dir)
   except BaseException:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise

@@ -1,0 +1,38 @@
+"""Starting JAX on several processes (hosts) before anything else runs."""
+import os
+
+import jax
+
+# Environment variables by which jax.distributed recognises its launchers.
+_LAUNCHERS = {'SLURM_NTASKS': 'SLURM', 'OMPI_COMM_WORLD_SIZE': 'Open MPI'}
+
+
+class LaunchError(ValueError):
+  """Process flags that cannot start a multi-process run."""
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None):
+  """Starts jax.distributed from the flags, or from SLURM/Open MPI, or not.
+
+  With --coordinator_address every process of the run needs the same address
+  and num_processes and its own process_id. Without it, a SLURM or Open MPI
+  launch of more than one task is detected; otherwise the run is one process.
+  """
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(x is not None for x in explicit):
+    if any(x is None for x in explicit):
+      raise LaunchError('--coordinator_address, --num_processes and '
+                        '--process_id go together; got '
+                        f'{coordinator_address!r}, {num_processes!r}, '
+                        f'{process_id!r}')
+    if not 0 <= process_id < num_processes:
+      raise LaunchError(f'--process_id {process_id} is not in [0, '
+                        f'--num_processes={num_processes})')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif any(int(os.environ.get(v, '1')) > 1 for v in _LAUNCHERS):
+    jax.distributed.initialize()
+  else:
+    return
+  if num_processes is not None and jax.process_count() != num_processes:
+    raise LaunchError(f'--num_processes={num_processes} but JAX found '
+                      f'{jax.process_count()} processes')
