@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxflash import config as config_lib
 from jaxflash import metrics as metrics_lib
 from jaxflash import optimizer as optimizer_lib
+from jaxflash import sharding
 from jaxflash import trainer
 from jaxflash.model import GPT
 from jaxflash.model import count_params
@@ -65,9 +66,7 @@ def apply_variant(config, variant):
 def measure(config, steps, warmup):
   num_devices = jax.device_count()
   config_lib.validate(config, num_devices)
-  mesh = jax.make_mesh((num_devices // config.mesh.seq, config.mesh.seq),
-                       ('data', 'seq'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = sharding.make_mesh(config.mesh, num_devices)
   cfg = trainer.model_config(config)
   tx = optimizer_lib.make_optimizer(config.optimizer, config.steps)
   accum = config_lib.accumulation_steps(config, num_devices)
@@ -80,17 +79,18 @@ def measure(config, steps, warmup):
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg,
                                                        rngs=nnx.Rngs(0))))
-    state_sharding = jax.tree.map(lambda _: replicated,
-                                  jax.eval_shape(build))
+    state_sharding = sharding.state_shardings(mesh, jax.eval_shape(build),
+                                              tx)
     state = jax.jit(build, out_shardings=state_sharding)()
     step = jax.jit(trainer.make_train_step(graphdef, tx, accum, cfg.dropout),
-                   in_shardings=(state_sharding, NamedSharding(mesh,
-                                                               P('data'))),
+                   in_shardings=(state_sharding,
+                                 sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, replicated),
                    donate_argnums=0)
-    batch = jax.random.randint(jax.random.key(1), (config.batch_size,
-                                                   config.data.seq_len + 1),
-                               0, 50257)
+    batch = jax.device_put(
+        jax.random.randint(jax.random.key(1),
+                           (config.batch_size, config.data.seq_len + 1), 0,
+                           50257), sharding.batch_sharding(mesh))
     start = time.perf_counter()
     for _ in range(warmup):
       state, metrics = step(state, batch)

@@ -7,6 +7,8 @@ import os
 
 import ml_collections
 
+from jaxflash.data.tokenizer import VOCAB_SIZE as GPT2_VOCAB_SIZE
+
 # GPT-3 paper, Table 2.1: d_model, n_layer, n_head, learning rate.
 GPT3_SIZES = {
     '125m': dict(d_model=768, n_layer=12, n_head=12, learning_rate=6e-4),
@@ -52,10 +54,13 @@ def default_config():
   c.model.dtype = 'bfloat16'  # compute; parameters stay float32
   c.model.remat = 'none'  # one of REMAT_POLICIES
 
-  # Devices on the 'seq' mesh axis: ring attention over the sequence
-  # (zigzag layout). The remaining devices form the 'data' axis.
+  # Mesh axes (jaxflash/sharding.py): fsdp shards parameters and optimizer
+  # state, seq runs ring attention over the sequence (zigzag layout), tensor
+  # splits heads and MLP features. The remaining devices form 'data'.
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
   c.mesh.seq = 1
+  c.mesh.tensor = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'sample'  # built-in corpus, generated on first use
@@ -126,7 +131,12 @@ def validate(config, num_devices):
                   'model.d_model', 'model.n_layer', 'model.n_head',
                   'model.mlp_ratio', 'data.seq_len', 'batch_size', 'steps',
                   'log_every', 'eval_every', 'checkpoint_every',
-                  'keep_checkpoints', 'mesh.seq')
+                  'keep_checkpoints', 'mesh.fsdp', 'mesh.seq', 'mesh.tensor')
+  # Every prepared dataset holds GPT-2 token ids; a smaller table would read
+  # out of range and train on NaN.
+  _check(m.vocab_size >= GPT2_VOCAB_SIZE, 'model.vocab_size',
+         f'{m.vocab_size} is smaller than the GPT-2 tokenizer\'s '
+         f'{GPT2_VOCAB_SIZE} tokens')
   _check(m.d_model % m.n_head == 0, 'model.n_head',
          f'{m.n_head} does not divide model.d_model={m.d_model}')
   _check(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
@@ -150,17 +160,24 @@ def validate(config, num_devices):
   _check(0.0 <= o.min_lr_ratio <= 1.0, 'optimizer.min_lr_ratio',
          f'must be in [0, 1], got {o.min_lr_ratio}')
   _check(o.grad_clip >= 0, 'optimizer.grad_clip', 'must be >= 0 (0: off)')
-  seq = config.mesh.seq
-  _check(num_devices % seq == 0, 'mesh.seq',
-         f'{seq} does not divide the {num_devices} devices')
-  if seq > 1:
-    _check(config.data.seq_len % (2 * seq) == 0, 'data.seq_len',
+  mesh = config.mesh
+  others = mesh.fsdp * mesh.seq * mesh.tensor
+  _check(num_devices % others == 0, 'mesh',
+         f'fsdp={mesh.fsdp} x seq={mesh.seq} x tensor={mesh.tensor} = '
+         f'{others} does not divide the {num_devices} devices')
+  if mesh.seq > 1:
+    _check(config.data.seq_len % (2 * mesh.seq) == 0, 'data.seq_len',
            f'{config.data.seq_len} is not divisible by 2 * mesh.seq = '
-           f'{2 * seq} (zigzag ring attention)')
-  data_parallel = num_devices // seq
+           f'{2 * mesh.seq} (zigzag ring attention)')
+  _check(m.d_model % mesh.fsdp == 0, 'mesh.fsdp',
+         f'{mesh.fsdp} does not divide model.d_model={m.d_model}')
+  for key in ('n_head', 'vocab_size'):
+    _check(m[key] % mesh.tensor == 0, 'mesh.tensor',
+           f'{mesh.tensor} does not divide model.{key}={m[key]}')
+  data_parallel = num_devices // (mesh.seq * mesh.tensor)  # data x fsdp
   _check(config.batch_size % data_parallel == 0, 'batch_size',
          f'{config.batch_size} is not divisible by the {data_parallel} '
-         'data-parallel devices')
+         'devices of the data and fsdp axes')
   micro = config.micro_batch_size
   _check(isinstance(micro, int) and micro >= 0, 'micro_batch_size',
          f'must be a non-negative integer, got {micro!r}')
@@ -182,5 +199,5 @@ def accumulation_steps(config, num_devices):
   """Microbatches per optimizer step (1 when micro_batch_size is 0)."""
   if not config.micro_batch_size:
     return 1
-  data_parallel = num_devices // config.mesh.seq
+  data_parallel = num_devices // (config.mesh.seq * config.mesh.tensor)
   return config.batch_size // (config.micro_batch_size * data_parallel)

@@ -69,9 +69,13 @@ def computed_blocks(num_devices, layout, causal):
   return work
 
 
+TENSOR_AXIS = 'tensor'  # shards heads, where the mesh has it
+
+
 def batch_axes(mesh, seq_axis):
-  """The mesh axes that shard the batch: all but seq_axis."""
-  return tuple(a for a in mesh.axis_names if a != seq_axis) or None
+  """The mesh axes that shard the batch: all but seq_axis and 'tensor'."""
+  return tuple(a for a in mesh.axis_names
+               if a not in (seq_axis, TENSOR_AXIS)) or None
 
 
 def _validate(q, k, v, mesh, seq_axis, layout, segment_ids):
@@ -97,7 +101,11 @@ def _validate(q, k, v, mesh, seq_axis, layout, segment_ids):
   if q.shape[1] % chunks:
     raise ValueError(f'seq: {q.shape[1]} is not divisible by {chunks} '
                      f'({layout} layout over {n} devices of {seq_axis!r})')
-  batch_shards = mesh.size // n
+  tensor = mesh.shape.get(TENSOR_AXIS, 1)
+  if k.shape[2] % tensor:
+    raise ValueError(f'heads: k/v heads ({k.shape[2]}) are not divisible by '
+                     f'the {tensor} devices of {TENSOR_AXIS!r}')
+  batch_shards = mesh.size // (n * tensor)
   if q.shape[0] % batch_shards:
     raise ValueError(f'batch: {q.shape[0]} is not divisible by the '
                      f'{batch_shards} devices of the other mesh axes')
@@ -321,8 +329,10 @@ def ring_attention(q, k, v, *, mesh, seq_axis='seq', causal=True,
   n = mesh.shape[seq_axis]
   static = dict(axis=seq_axis, n=n, causal=causal, layout=layout,
                 sm_scale=sm_scale, impl=impl, communicate=communicate)
-  spec = P(batch_axes(mesh, seq_axis), seq_axis)
-  seg_spec = spec if segment_ids is not None else None
+  head_axis = TENSOR_AXIS if TENSOR_AXIS in mesh.axis_names else None
+  spec = P(batch_axes(mesh, seq_axis), seq_axis, head_axis)
+  seg_spec = (P(batch_axes(mesh, seq_axis), seq_axis)
+              if segment_ids is not None else None)
   local = _make_local(static)
   fn = jax.shard_map(
       lambda q, k, v, seg: local(q, k, v, seg, seg),

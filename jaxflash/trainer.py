@@ -17,6 +17,7 @@ from jaxflash import config as config_lib
 from jaxflash import metrics as metrics_lib
 from jaxflash import optimizer as optimizer_lib
 from jaxflash import ring
+from jaxflash import sharding
 from jaxflash.attention import resolve_impl
 from jaxflash.data import loader
 from jaxflash.data import prepare
@@ -113,13 +114,11 @@ def train(config, workdir):
     multihost_utils.sync_global_devices('sample data prepared')
     prepare.prepare_sample(config.data.data_dir)
 
-  seq = config.mesh.seq
-  mesh = jax.make_mesh((num_devices // seq, seq), ('data', 'seq'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = sharding.make_mesh(config.mesh, num_devices)
   # The model finds the mesh here for ring attention's shard_map.
   with jax.set_mesh(mesh):
     replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P('data'))
+    batch_sharding = sharding.batch_sharding(mesh)
     cfg = model_config(config)
     accum_steps = config_lib.accumulation_steps(config, num_devices)
     tx = optimizer_lib.make_optimizer(config.optimizer, config.steps)
@@ -132,7 +131,7 @@ def train(config, workdir):
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
     abstract_state = jax.eval_shape(build)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    state_sharding = sharding.state_shardings(mesh, abstract_state, tx)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, state_sharding)

@@ -35,9 +35,9 @@ def test_default_config_is_valid():
     ('model.dropout', 1.5, 1),
     ('data.dataset', 'not_prepared_here', 1),
     ('eval_batches', -1, 1),
-    ('mesh.seq', 3, 4),
     ('data.seq_len', 102, 4),  # with mesh.seq=2 below: not divisible by 4
     ('model.remat', 'some', 1),
+    ('model.vocab_size', 1000, 1),
 ])
 def test_bad_values_name_their_key(key, value, num_devices):
   overrides = {key: value}
@@ -52,3 +52,18 @@ def test_accumulation_steps():
   config_lib.validate(c, num_devices=2)
   assert config_lib.accumulation_steps(c, num_devices=2) == 4
   assert config_lib.accumulation_steps(_config(), num_devices=2) == 1
+
+
+@pytest.mark.parametrize('overrides,num_devices,key', [
+    ({'mesh.seq': 3}, 4, 'mesh'),
+    ({'mesh.fsdp': 3}, 8, 'mesh'),
+    ({'mesh.tensor': 8}, 8, 'mesh.tensor'),  # 4 heads
+    ({'mesh.fsdp': 8, 'model.d_model': 36, 'model.n_head': 4}, 8,
+     'mesh.fsdp'),
+    ({'mesh.fsdp': 2, 'mesh.tensor': 2}, 8, 'batch_size'),  # 6 % (2*2)
+])
+def test_bad_meshes_are_refused(overrides, num_devices, key):
+  if key == 'batch_size':
+    overrides = dict(overrides, batch_size=6)
+  with pytest.raises(config_lib.ConfigError, match=f'config.{key}:'):
+    config_lib.validate(_config(**overrides), num_devices=num_devices)
