@@ -64,7 +64,7 @@ def main(argv):
       'runs', os.path.splitext(os.path.basename(config_path))[0])
   try:
     trainer.train(_CONFIG.value, workdir)
-  except config_lib.ConfigError as e:
+  except (config_lib.UsageError, trainer.TrainingStopped) as e:
     sys.exit(f'error: {e}')
 
 

@@ -23,11 +23,16 @@ ATTENTION_IMPLS = ('auto', 'xla', 'flash')
 # keep attention's output and lse (the attention forward never re-runs);
 # dots: keep matmul outputs.
 REMAT_POLICIES = ('none', 'full', 'save_attention', 'dots')
+ON_NAN = ('stop', 'skip')
 SCHEDULES = ('cosine', 'linear')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+  """Input that cannot work, found before anything compiles: one line."""
+
+
+class ConfigError(UsageError):
   """A config value that cannot work; the message names the key."""
 
   def __init__(self, key, message):
@@ -84,6 +89,11 @@ def default_config():
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.1
   c.optimizer.grad_clip = 1.0
+
+  # A step whose loss or gradients are not finite: 'stop' the run, or 'skip'
+  # its update (at most max_nan_skips in a row, then stop).
+  c.on_nan = 'stop'
+  c.max_nan_skips = 3
 
   c.log_every = 10
   c.eval_every = 500
@@ -150,6 +160,9 @@ def validate(config, num_devices):
   _check(config.data.seq_len <= m.max_seq_len, 'data.seq_len',
          f'{config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
   o = config.optimizer
+  _check(config.on_nan in ON_NAN, 'on_nan',
+         f'{config.on_nan!r} is not one of {ON_NAN}')
+  _check(config.max_nan_skips >= 0, 'max_nan_skips', 'must be >= 0')
   _check(o.schedule in SCHEDULES, 'optimizer.schedule',
          f'{o.schedule!r} is not one of {SCHEDULES}')
   _check(o.learning_rate > 0, 'optimizer.learning_rate', 'must be positive')

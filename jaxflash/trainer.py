@@ -1,6 +1,7 @@
 """The training loop: build, restore, step, log, evaluate, checkpoint."""
 import json
 import os
+import signal
 import time
 
 import jax
@@ -24,6 +25,36 @@ from jaxflash.data import prepare
 from jaxflash.model import GPT
 from jaxflash.model import ModelConfig
 from jaxflash.model import count_params
+
+
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (non-finite steps); checkpoints are intact."""
+
+
+class _StopSignals:
+  """Notes SIGTERM/SIGINT so the loop can checkpoint and stop cleanly."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+    # Several processes must stop at the same step: there jax.distributed's
+    # preemption sync point (manager.reached_preemption) decides instead.
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._note)
+
+  def _note(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# Model keys that change parameter shapes: a checkpoint cannot change them.
+SHAPE_KEYS = ('vocab_size', 'max_seq_len', 'd_model', 'n_layer', 'n_head',
+              'mlp_ratio')
 
 
 def model_config(config):
@@ -55,7 +86,12 @@ def init_state(config, graphdef_and_params, tx):
 
 
 def make_train_step(graphdef, tx, accum_steps, dropout):
-  """One optimizer step over a global batch split into accum_steps parts."""
+  """One optimizer step over a global batch split into accum_steps parts.
+
+  A step whose loss or gradients are not finite leaves parameters and
+  optimizer state as they were (the step still counts); metrics['finite']
+  tells the loop.
+  """
 
   def grads_of(params, tokens_BxT1, key):
     return jax.value_and_grad(
@@ -86,18 +122,47 @@ def make_train_step(graphdef, tx, accum_steps, dropout):
           lambda c, xs: accumulate(c, (xs[0], xs[1] if dropout else None)),
           zeros, (micro_AxMxT1, scan_keys))
       loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update():
+      updates, opt_state = tx.update(grads, state['opt_state'],
+                                     state['params'])
+      return optax.apply_updates(state['params'], updates), opt_state
+
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda: (state['params'], state['opt_state']))
     new_state = dict(state, params=params, opt_state=opt_state,
                      step=state['step'] + 1)
-    return new_state, dict(loss=loss, grad_norm=optax.tree.norm(grads))
+    return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite)
 
   return train_step
 
 
-def _write_config(workdir, config):
+def _prepare_workdir(workdir, config):
+  """Creates workdir and records the config; refuses an unwritable workdir
+  and one whose checkpoints hold a model of another shape."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise config_lib.UsageError(f'--workdir {workdir}: cannot create it '
+                                f'({e.strerror})') from None
+  if not os.access(workdir, os.W_OK):
+    raise config_lib.UsageError(f'--workdir {workdir}: not writable')
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path) and os.path.isdir(os.path.join(workdir,
+                                                         'checkpoints')):
+    with open(path) as f:
+      before = json.load(f).get('model', {})
+    differ = [f'{k} {before[k]} there, {config.model[k]} here'
+              for k in SHAPE_KEYS if k in before and before[k] !=
+              config.model[k]]
+    if differ:
+      raise config_lib.ConfigError(
+          'model', f'the checkpoints in {workdir} hold another model shape ('
+          f'{"; ".join(differ)}); use another --workdir')
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(path, 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
 
@@ -105,8 +170,7 @@ def train(config, workdir):
   """Trains until config.steps, resuming from workdir's latest checkpoint."""
   num_devices = jax.device_count()
   config_lib.validate(config, num_devices)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(workdir, config)
+  _prepare_workdir(workdir, config)
   if config.data.dataset == 'sample':
     # Process 0 first, so processes sharing a disk do not all build it.
     if jax.process_index() == 0:
@@ -167,33 +231,69 @@ def train(config, workdir):
     eval_data = [to_global(b) for b in loader.eval_batches(config)]
 
     timer_start, timer_step = None, start_step
-    for step in range(start_step, config.steps):
-      state, step_metrics = train_step(state, to_global(next(data_iterator)))
-      done = step + 1
-      if timer_start is None:  # leave compilation out of the throughput
-        jax.block_until_ready(step_metrics)
-        timer_start, timer_step = time.perf_counter(), done
-      if done % config.log_every == 0 or done in (1, config.steps):
-        loss = float(step_metrics['loss'])  # waits for the step
-        elapsed = time.perf_counter() - timer_start
-        steps_timed = done - timer_step
-        step_time = elapsed / steps_timed if steps_timed else None
-        tokens_per_sec = tokens_per_step / step_time if step_time else None
-        mfu = (flops_per_step / step_time / (peak * num_devices)
-               if step_time and peak else None)
-        record = dict(step=done, loss=loss,
-                      grad_norm=float(step_metrics['grad_norm']),
-                      lr=float(schedule(step)), tokens_per_sec=tokens_per_sec,
-                      mfu=mfu, step_time=step_time,
-                      peak_mem_gib=metrics_lib.peak_memory_gib())
-        if eval_data and (done % config.eval_every == 0
-                          or done == config.steps):
-          record['eval_loss'] = float(np.mean(
-              [eval_step(state['params'], b) for b in eval_data]))
-        writer.write(record)
-        timer_start, timer_step = time.perf_counter(), done
-      if done % config.checkpoint_every == 0 or done == config.steps:
-        checkpoint.save(manager, done, state, data_iterator)
+    nonfinite_steps, nonfinite_in_a_row = 0, 0
+    signals = _StopSignals()
+    try:
+      for step in range(start_step, config.steps):
+        state, step_metrics = train_step(state,
+                                         to_global(next(data_iterator)))
+        done = step + 1
+        if timer_start is None:  # leave compilation out of the throughput
+          jax.block_until_ready(step_metrics)
+          timer_start, timer_step = time.perf_counter(), done
+        if not bool(step_metrics['finite']):  # a host sync every step
+          nonfinite_steps += 1
+          nonfinite_in_a_row += 1
+          problem = (f'step {done}: loss {float(step_metrics["loss"])}, '
+                     f'gradient norm {float(step_metrics["grad_norm"])}; '
+                     'the update was skipped')
+          if (config.on_nan == 'stop'
+              or nonfinite_in_a_row > config.max_nan_skips):
+            manager.wait_until_finished()
+            raise TrainingStopped(
+                f'{problem}; stopping (on_nan={config.on_nan}, '
+                f'{nonfinite_in_a_row} in a row); the latest checkpoint, '
+                f'step {manager.latest_step() or "none yet"}, is intact')
+          if jax.process_index() == 0:
+            print(f'warning: {problem} ({nonfinite_in_a_row} in a row)',
+                  flush=True)
+        else:
+          nonfinite_in_a_row = 0
+        if done % config.log_every == 0 or done in (1, config.steps):
+          loss = float(step_metrics['loss'])  # waits for the step
+          elapsed = time.perf_counter() - timer_start
+          steps_timed = done - timer_step
+          step_time = elapsed / steps_timed if steps_timed else None
+          tokens_per_sec = tokens_per_step / step_time if step_time else None
+          mfu = (flops_per_step / step_time / (peak * num_devices)
+                 if step_time and peak else None)
+          record = dict(step=done, loss=loss,
+                        grad_norm=float(step_metrics['grad_norm']),
+                        lr=float(schedule(step)),
+                        tokens_per_sec=tokens_per_sec, mfu=mfu,
+                        step_time=step_time,
+                        peak_mem_gib=metrics_lib.peak_memory_gib(),
+                        nonfinite_steps=nonfinite_steps)
+          if eval_data and (done % config.eval_every == 0
+                            or done == config.steps):
+            record['eval_loss'] = float(np.mean(
+                [eval_step(state['params'], b) for b in eval_data]))
+          writer.write(record)
+          timer_start, timer_step = time.perf_counter(), done
+        stop = signals.received or (
+            jax.process_count() > 1 and manager.reached_preemption(done)
+            and 'preemption')
+        if (done % config.checkpoint_every == 0 or done == config.steps
+            or stop):
+          checkpoint.save(manager, done, state, data_iterator)
+        if stop:
+          manager.wait_until_finished()
+          if jax.process_index() == 0:
+            print(f'stopped at step {done} on {stop}: checkpoint saved; run '
+                  'the same command to resume', flush=True)
+          break
+    finally:
+      signals.restore()
     manager.wait_until_finished()
     manager.close()
     return state
