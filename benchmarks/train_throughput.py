@@ -37,6 +37,7 @@ from jaxflash import sharding
 from jaxflash import trainer
 from jaxflash.model import GPT
 from jaxflash.model import count_params
+import trace_summary
 # pylint: enable=g-import-not-at-top
 
 # The seed (FlashAttention-2, PyTorch, fp16 AMP), GPT-3 2.7B, seq 1024.
@@ -63,7 +64,7 @@ def apply_variant(config, variant):
         parent[leaf], bool) else value == 'true'
 
 
-def measure(config, steps, warmup):
+def measure(config, steps, warmup, profile_dir=None):
   num_devices = jax.device_count()
   config_lib.validate(config, num_devices)
   mesh = sharding.make_mesh(config.mesh, num_devices)
@@ -82,7 +83,7 @@ def measure(config, steps, warmup):
     state_sharding = sharding.state_shardings(mesh, jax.eval_shape(build),
                                               tx)
     state = jax.jit(build, out_shardings=state_sharding)()
-    step = jax.jit(trainer.make_train_step(graphdef, tx, accum, cfg.dropout),
+    step = jax.jit(trainer.make_train_step(graphdef, tx, accum, cfg),
                    in_shardings=(state_sharding,
                                  sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, replicated),
@@ -102,6 +103,12 @@ def measure(config, steps, warmup):
       state, metrics = step(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
+    kernels = None
+    if profile_dir:
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+      kernels = trace_summary.summarize(profile_dir, top=25)
   step_time = statistics.median(times)
   tokens = config.batch_size * config.data.seq_len
   num_params = count_params(cfg)
@@ -118,7 +125,8 @@ def measure(config, steps, warmup):
       # The process's peak so far: run one variant a process for exact peaks.
       peak_mem_gib=metrics_lib.peak_memory_gib(),
       days_to_300b=TOKENS_300B / (tokens / step_time) / 86400,
-      loss=float(metrics['loss']), warmup_and_compile_s=compile_s)
+      loss=float(metrics['loss']), warmup_and_compile_s=compile_s,
+      top_kernels=kernels)
 
 
 def main():
@@ -131,24 +139,31 @@ def main():
                       help='comma list of key=value[;key=value] overrides')
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--profile', default=None, metavar='DIR',
+                      help='trace one more step a variant into DIR/<n> and '
+                      'record its top kernels')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results'))
   args = parser.parse_args()
   n = jax.device_count()
   records = []
-  for variant in args.variants.split(','):
+  for i, variant in enumerate(args.variants.split(',')):
     config = load_config(args.config)
     config.data.dataset = 'sample'  # random tokens; no dataset is read
     config.micro_batch_size = args.per_device_batch
     config.batch_size = args.per_device_batch * n * args.accumulation
     apply_variant(config, variant)
     try:
-      record = measure(config, args.steps, args.warmup)
+      record = measure(config, args.steps, args.warmup, args.profile and
+                       os.path.join(args.profile, str(i)))
     except Exception as e:  # pylint: disable=broad-except
       record = dict(error=f'{type(e).__name__}: {str(e)[:300]}')
     record.update(variant=variant, config=args.config)
     records.append(record)
-    print(json.dumps(record), flush=True)
+    print(json.dumps({k: v for k, v in record.items()
+                      if k != 'top_kernels'}), flush=True)
+    for name, ms, share, n in record.get('top_kernels') or []:
+      print(f'  {ms:9.2f} ms {share:6.1%} {n:5d}  {name[:90]}')
     jax.clear_caches()
   result = dict(device=jax.devices()[0].device_kind, num_gpus=n,
                 date=datetime.datetime.now().isoformat(), jax=jax.__version__,

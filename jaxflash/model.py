@@ -53,6 +53,47 @@ REMAT_POLICIES = {
 }
 
 
+# The Linear layers run in cfg.dtype: the train step casts their parameters
+# once per step (cast_for_compute) rather than once per microbatch.
+MATMUL_LAYERS = ('qkv', 'attn_out', 'fc', 'fc_out')
+
+
+def cast_for_compute(params, dtype):
+  """The Linear layers' parameters in `dtype`; the rest as they are."""
+  def cast(path, x):
+    names = {getattr(k, 'key', None) for k in path}
+    return x.astype(dtype) if names & set(MATMUL_LAYERS) else x
+  return jax.tree.map_with_path(cast, params)
+
+
+@jax.custom_vjp
+def tied_logits(h_BxTxD, wte_VxD):
+  """float32 logits of h @ wte.T computed in h's dtype.
+
+  The backward runs in h's dtype too (as mixed precision does elsewhere);
+  left to autodiff, the float32 cotangent would make both backward matmuls
+  float32.
+  """
+  return jnp.einsum('btd,vd->btv', h_BxTxD, wte_VxD.astype(h_BxTxD.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(h_BxTxD, wte_VxD):
+  return tied_logits(h_BxTxD, wte_VxD), (h_BxTxD, wte_VxD)
+
+
+def _tied_logits_bwd(residuals, g_BxTxV):
+  h_BxTxD, wte_VxD = residuals
+  g_BxTxV = g_BxTxV.astype(h_BxTxD.dtype)
+  dh_BxTxD = jnp.einsum('btv,vd->btd', g_BxTxV, wte_VxD.astype(h_BxTxD.dtype))
+  dwte_VxD = jnp.einsum('btv,btd->vd', g_BxTxV, h_BxTxD,
+                        preferred_element_type=jnp.float32)
+  return dh_BxTxD, dwte_VxD.astype(wte_VxD.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 def _dropout(x, rate, key):
   if not rate or key is None:
     return x
@@ -140,9 +181,7 @@ class GPT(nnx.Module):
       x_BxTxD = run_block(block, x_BxTxD, key)
     h_BxTxD = self.ln_f(x_BxTxD).astype(cfg.dtype)
     # Tied output embedding; logits in float32 for a stable softmax.
-    wte = self.wte.embedding[...].astype(cfg.dtype)
-    return jnp.einsum('btd,vd->btv', h_BxTxD, wte,
-                      preferred_element_type=jnp.float32)
+    return tied_logits(h_BxTxD, self.wte.embedding[...])
 
 
 def count_params(cfg: ModelConfig):

@@ -24,6 +24,7 @@ from jaxflash.data import loader
 from jaxflash.data import prepare
 from jaxflash.model import GPT
 from jaxflash.model import ModelConfig
+from jaxflash.model import cast_for_compute
 from jaxflash.model import count_params
 
 
@@ -85,7 +86,7 @@ def init_state(config, graphdef_and_params, tx):
               rng=jax.random.key_data(jax.random.key(config.seed)))
 
 
-def make_train_step(graphdef, tx, accum_steps, dropout):
+def make_train_step(graphdef, tx, accum_steps, cfg):
   """One optimizer step over a global batch split into accum_steps parts.
 
   A step whose loss or gradients are not finite leaves parameters and
@@ -93,17 +94,24 @@ def make_train_step(graphdef, tx, accum_steps, dropout):
   tells the loop.
   """
 
-  def grads_of(params, tokens_BxT1, key):
+  def grads_of(compute_params, tokens_BxT1, key):
     return jax.value_and_grad(
-        lambda p: loss_fn(graphdef, p, tokens_BxT1, key))(params)
+        lambda p: loss_fn(graphdef, p, tokens_BxT1, key))(compute_params)
 
   def train_step(state, batch_BxT1):
+    params = state['params']
+    # The matmul weights go to cfg.dtype once here, not once a microbatch;
+    # their gradients come back in cfg.dtype and are summed in float32.
+    compute_params = cast_for_compute(params, cfg.dtype)
+    as_float32 = lambda tree: jax.tree.map(
+        lambda g, p: g.astype(p.dtype), tree, params)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
                                   state['step'])
-    keys = jax.random.split(step_key, accum_steps) if dropout else (
+    keys = jax.random.split(step_key, accum_steps) if cfg.dropout else (
         [None] * accum_steps)
     if accum_steps == 1:
-      loss, grads = grads_of(state['params'], batch_BxT1, keys[0])
+      loss, grads = grads_of(compute_params, batch_BxT1, keys[0])
+      grads = as_float32(grads)
     else:
       # Row r = m * accum_steps + a keeps each device's rows in one microbatch
       # position m, so splitting needs no cross-device movement.
@@ -113,25 +121,24 @@ def make_train_step(graphdef, tx, accum_steps, dropout):
 
       def accumulate(carry, xs):
         tokens, key = xs
-        loss, grads = grads_of(state['params'], tokens, key)
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        loss, grads = grads_of(compute_params, tokens, key)
+        return jax.tree.map(jnp.add, carry, (loss, as_float32(grads))), None
 
-      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state['params']))
-      scan_keys = keys if dropout else jnp.zeros((accum_steps,))
+      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+      scan_keys = keys if cfg.dropout else jnp.zeros((accum_steps,))
       (loss, grads), _ = jax.lax.scan(
-          lambda c, xs: accumulate(c, (xs[0], xs[1] if dropout else None)),
+          lambda c, xs: accumulate(c, (xs[0], xs[1] if cfg.dropout else None)),
           zeros, (micro_AxMxT1, scan_keys))
       loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update():
-      updates, opt_state = tx.update(grads, state['opt_state'],
-                                     state['params'])
-      return optax.apply_updates(state['params'], updates), opt_state
+      updates, opt_state = tx.update(grads, state['opt_state'], params)
+      return optax.apply_updates(params, updates), opt_state
 
     params, opt_state = jax.lax.cond(
-        finite, update, lambda: (state['params'], state['opt_state']))
+        finite, update, lambda: (params, state['opt_state']))
     new_state = dict(state, params=params, opt_state=opt_state,
                      step=state['step'] + 1)
     return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite)
@@ -220,7 +227,7 @@ def train(config, workdir):
             flush=True)
 
     train_step = jax.jit(
-        make_train_step(graphdef, tx, accum_steps, cfg.dropout),
+        make_train_step(graphdef, tx, accum_steps, cfg),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated), donate_argnums=0)
     eval_step = jax.jit(lambda params, batch: loss_fn(graphdef, params, batch),

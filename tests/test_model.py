@@ -10,7 +10,9 @@ from jaxflash import optimizer as optimizer_lib
 from jaxflash import trainer
 from jaxflash.model import GPT
 from jaxflash.model import ModelConfig
+from jaxflash.model import cast_for_compute
 from jaxflash.model import count_params
+from jaxflash.model import tied_logits
 
 
 def test_gpt2_124m_parameter_count():
@@ -79,7 +81,7 @@ def test_overfits_a_fixed_batch(accum_steps):
   model = GPT(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   state = trainer.init_state(config, (graphdef, params), tx)
-  step = jax.jit(trainer.make_train_step(graphdef, tx, accum_steps, 0.0))
+  step = jax.jit(trainer.make_train_step(graphdef, tx, accum_steps, cfg))
   batch = jax.random.randint(jax.random.key(1), (8, 33), 0, 128)
   losses = []
   for _ in range(config.steps):
@@ -107,3 +109,44 @@ def test_flash_attention_model_matches_xla():
   np.testing.assert_allclose(loss_flash, loss_xla, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_flash), jax.tree.leaves(grads_xla)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_casting_matmul_weights_once_keeps_gradients():
+  # The train step casts the Linear weights to bfloat16 before the
+  # microbatch loop: gradients must equal those through the per-use casts.
+  cfg = ModelConfig(vocab_size=96, max_seq_len=24, d_model=64, n_layer=2,
+                    n_head=4, dtype='bfloat16')
+  graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  tokens = jax.random.randint(jax.random.key(3), (2, 24), 0, 96)
+  grad = jax.jit(jax.value_and_grad(
+      lambda p: trainer.loss_fn(graphdef, p, tokens)))
+  loss, grads = grad(params)
+  compute_params = cast_for_compute(params, cfg.dtype)
+  assert compute_params['blocks'][0]['fc']['kernel'].dtype == jnp.bfloat16
+  assert compute_params['blocks'][0]['ln_1']['scale'].dtype == jnp.float32
+  assert compute_params['wte']['embedding'].dtype == jnp.float32
+  loss_cast, grads_cast = grad(compute_params)
+  assert loss_cast == loss
+  for path, a in jax.tree.leaves_with_path(grads_cast):
+    b = dict(jax.tree.leaves_with_path(grads))[path]
+    np.testing.assert_array_equal(np.asarray(a, np.float32), b,
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def test_tied_logits_backward_matches_autodiff():
+  h = jax.random.normal(jax.random.key(0), (2, 5, 16), jnp.float32)
+  wte = jax.random.normal(jax.random.key(1), (40, 16), jnp.float32)
+  g = jax.random.normal(jax.random.key(2), (2, 5, 40), jnp.float32)
+  out, vjp = jax.vjp(tied_logits, h, wte)
+  expected_out, expected_vjp = jax.vjp(
+      lambda h, w: jnp.einsum('btd,vd->btv', h, w), h, wte)
+  np.testing.assert_allclose(out, expected_out, rtol=1e-6)
+  expected_dh, expected_dwte = expected_vjp(g)
+  dh, dwte = vjp(g)
+  np.testing.assert_allclose(dh, expected_dh, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dwte, expected_dwte, rtol=1e-5, atol=1e-5)
+  # In bfloat16 the backward matmuls take a bfloat16 cotangent.
+  _, vjp = jax.vjp(tied_logits, h.astype(jnp.bfloat16), wte)
+  dh, dwte = vjp(g)
+  assert dh.dtype == jnp.bfloat16 and dwte.dtype == jnp.float32
+  np.testing.assert_allclose(dwte, expected_dwte, rtol=0.05, atol=0.05)
