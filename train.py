@@ -23,6 +23,9 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process: 0 .. num_processes - 1.')
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    'local_device_ids', None,
+    'GPUs of this host for this process, e.g. 0 (one process per GPU).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -56,8 +59,9 @@ def main(argv):
   from jaxflash import distributed  # pylint: disable=g-import-not-at-top
   from jaxflash import trainer  # pylint: disable=g-import-not-at-top
   try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value)
+    distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        _LOCAL_DEVICE_IDS.value and [int(i) for i in _LOCAL_DEVICE_IDS.value])
   except distributed.LaunchError as e:
     sys.exit(f'error: {e}')
   workdir = _WORKDIR.value or os.path.join(

@@ -1,4 +1,4 @@
-"""Training throughput of a GPT config on the local GPUs (one process).
+"""Training throughput of a GPT config on the local GPUs.
 
 Times jaxflash's own train step (forward, backward, AdamW update) on random
 tokens, after warm-up, for each variant given: tokens/s per GPU, MFU (6N plus
@@ -8,16 +8,22 @@ per GPU and step time, printed beside the seed's H100 row.
   python benchmarks/train_throughput.py --config configs/owt/gpt3_2.7b.py \
       --per_device_batch 4 --variants remat=none,remat=dots
 
+  # the same with one process per GPU, joined by jax.distributed:
+  python benchmarks/train_throughput.py ... --processes 4
+
 A variant is `key=value[;key=value]` over the config (model.* keys may drop
 the `model.` prefix), e.g. `remat=full;attention_impl=xla`.
-Writes <out>/train_throughput_<gpu>.json (default benchmarks/results/).
+Writes <out>/train_throughput_<gpu>[_x<gpus>[_<n>proc]].json (default
+benchmarks/results/).
 """
 import argparse
 import datetime
 import importlib.util
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -31,6 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxflash import config as config_lib
+from jaxflash import distributed
 from jaxflash import metrics as metrics_lib
 from jaxflash import optimizer as optimizer_lib
 from jaxflash import sharding
@@ -88,10 +95,9 @@ def measure(config, steps, warmup, profile_dir=None):
                                  sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, replicated),
                    donate_argnums=0)
-    batch = jax.device_put(
-        jax.random.randint(jax.random.key(1),
-                           (config.batch_size, config.data.seq_len + 1), 0,
-                           50257), sharding.batch_sharding(mesh))
+    batch = jax.jit(lambda: jax.random.randint(
+        jax.random.key(1), (config.batch_size, config.data.seq_len + 1), 0,
+        50257), out_shardings=sharding.batch_sharding(mesh))()
     start = time.perf_counter()
     for _ in range(warmup):
       state, metrics = step(state, batch)
@@ -117,7 +123,7 @@ def measure(config, steps, warmup, profile_dir=None):
   peak = metrics_lib.peak_flops_per_device()
   tokens_per_sec_per_gpu = tokens / step_time / num_devices
   return dict(
-      gpus=num_devices, params=num_params, batch_size=config.batch_size,
+      gpus=num_devices, processes=jax.process_count(), params=num_params, batch_size=config.batch_size,
       accumulation=accum, seq_len=config.data.seq_len, step_time=step_time,
       tokens_per_sec=tokens / step_time,
       tokens_per_sec_per_gpu=tokens_per_sec_per_gpu,
@@ -142,10 +148,21 @@ def main():
   parser.add_argument('--profile', default=None, metavar='DIR',
                       help='trace one more step a variant into DIR/<n> and '
                       'record its top kernels')
+  parser.add_argument('--processes', type=int, default=1,
+                      help='one process per GPU of this host, joined by '
+                      'jax.distributed (each sees its own GPU)')
+  parser.add_argument('--process_id', type=int, help=argparse.SUPPRESS)
+  parser.add_argument('--coordinator_address', help=argparse.SUPPRESS)
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results'))
   args = parser.parse_args()
+  if args.processes > 1:
+    if args.process_id is None:
+      sys.exit(spawn(args.processes))
+    distributed.initialize(args.coordinator_address, args.processes,
+                           args.process_id, local_device_ids=[args.process_id])
   n = jax.device_count()
+  printing = jax.process_index() == 0
   records = []
   for i, variant in enumerate(args.variants.split(',')):
     config = load_config(args.config)
@@ -160,22 +177,29 @@ def main():
       record = dict(error=f'{type(e).__name__}: {str(e)[:300]}')
     record.update(variant=variant, config=args.config)
     records.append(record)
+    if not printing:
+      continue
     print(json.dumps({k: v for k, v in record.items()
                       if k != 'top_kernels'}), flush=True)
     for name, ms, share, n in record.get('top_kernels') or []:
       print(f'  {ms:9.2f} ms {share:6.1%} {n:5d}  {name[:90]}')
     jax.clear_caches()
+  if not printing:
+    return
   result = dict(device=jax.devices()[0].device_kind, num_gpus=n,
                 date=datetime.datetime.now().isoformat(), jax=jax.__version__,
                 peak_flops_per_gpu=metrics_lib.peak_flops_per_device(),
                 xla_flags=os.environ.get('XLA_FLAGS', ''), records=records)
   os.makedirs(args.out, exist_ok=True)
   kind = jax.devices()[0].device_kind.replace(' ', '_')
-  path = os.path.join(args.out, f'train_throughput_{kind}.json')
+  suffix = f'_x{n}' if n > 1 else ''
+  suffix += f'_{args.processes}proc' if args.processes > 1 else ''
+  path = os.path.join(args.out, f'train_throughput_{kind}{suffix}.json')
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
   print(f'wrote {path}')
-  print(f'{"variant":<28} {"GPUs":>4} {"tokens/s/GPU":>13} {"MFU":>6} '
+  print(f'{"variant":<28} {"GPUs":>4} {"procs":>5} {"tokens/s/GPU":>13} '
+        f'{"MFU":>6} '
         f'{"peak GiB":>9} {"step s":>7} {"days 300B":>10}')
   for r in records:
     if 'error' in r:
@@ -183,15 +207,30 @@ def main():
       continue
     mfu = f'{r["mfu"]:.1%}' if r['mfu'] else '-'
     mem = f'{r["peak_mem_gib"]:.1f}' if r['peak_mem_gib'] else '-'
-    print(f'{r["variant"]:<28} {r["gpus"]:>4} {r["tokens_per_sec_per_gpu"]:>13,.0f}'
+    print(f'{r["variant"]:<28} {r["gpus"]:>4} {r["processes"]:>5} '
+          f'{r["tokens_per_sec_per_gpu"]:>13,.0f}'
           f' {mfu:>6} {mem:>9} {r["step_time"]:>7.3f}'
           f' {r["days_to_300b"] * r["gpus"] / 8:>10.1f}')
   for row in SEED_ROWS:
-    print(f'{"seed (FA2, PyTorch)":<28} {row["gpus"]:>4} '
+    print(f'{"seed (FA2, PyTorch)":<28} {row["gpus"]:>4} {"":>5} '
           f'{row["tokens_per_sec"] / row["gpus"]:>13,.0f} {"":>6} '
           f'{row["peak_gb"]:>9} {"":>7} '
           f'{TOKENS_300B / (row["tokens_per_sec"] / row["gpus"] * 8) / 86400:>10.1f}')
   print('days 300B: 300B tokens at the per-GPU rate on 8 GPUs')
+
+
+def spawn(num_processes):
+  """Runs this command once a GPU, as processes 0..n-1 of one job;
+  process 0 prints. Returns the worst exit status."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  children = [subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+       f'--process_id={i}', f'--coordinator_address=localhost:{port}'],
+      stdout=None if i == 0 else subprocess.DEVNULL)
+              for i in range(num_processes)]
+  return max(abs(c.wait()) for c in children)
 
 
 if __name__ == '__main__':

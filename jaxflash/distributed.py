@@ -11,12 +11,15 @@ class LaunchError(ValueError):
   """Process flags that cannot start a multi-process run."""
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None):
+def initialize(coordinator_address=None, num_processes=None, process_id=None,
+               local_device_ids=None):
   """Starts jax.distributed from the flags, or from SLURM/Open MPI, or not.
 
   With --coordinator_address every process of the run needs the same address
   and num_processes and its own process_id. Without it, a SLURM or Open MPI
   launch of more than one task is detected; otherwise the run is one process.
+  local_device_ids picks this process's GPUs on a host shared by several
+  processes (one process per GPU).
   """
   explicit = (coordinator_address, num_processes, process_id)
   if any(x is not None for x in explicit):
@@ -28,9 +31,10 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
     if not 0 <= process_id < num_processes:
       raise LaunchError(f'--process_id {process_id} is not in [0, '
                         f'--num_processes={num_processes})')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local_device_ids)
   elif any(int(os.environ.get(v, '1')) > 1 for v in _LAUNCHERS):
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_device_ids)
   else:
     return
   if num_processes is not None and jax.process_count() != num_processes:
