@@ -98,38 +98,66 @@ def make_train_step(graphdef, tx, accum_steps, cfg):
     return jax.value_and_grad(
         lambda p: loss_fn(graphdef, p, tokens_BxT1, key))(compute_params)
 
+  def mean_grads(compute_params, batch_BxT1, step_key):
+    """Mean loss and float32 gradients over the batch, accum_steps parts."""
+    keys = jax.random.split(step_key, accum_steps) if cfg.dropout else (
+        [None] * accum_steps)
+    as_float32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32),
+                                           tree)
+    if accum_steps == 1:
+      loss, grads = grads_of(compute_params, batch_BxT1, keys[0])
+      return loss, as_float32(grads)
+    # Row r = m * accum_steps + a keeps each device's rows in one microbatch
+    # position m, so splitting needs no cross-device movement.
+    b, t1 = batch_BxT1.shape
+    micro_AxMxT1 = batch_BxT1.reshape(b // accum_steps, accum_steps,
+                                      t1).swapaxes(0, 1)
+
+    def accumulate(carry, xs):
+      tokens, key = xs
+      loss, grads = grads_of(compute_params, tokens, key)
+      return jax.tree.map(jnp.add, carry, (loss, as_float32(grads))), None
+
+    zeros = (jnp.zeros(()), as_float32(jax.tree.map(jnp.zeros_like,
+                                                    compute_params)))
+    scan_keys = keys if cfg.dropout else jnp.zeros((accum_steps,))
+    (loss, grads), _ = jax.lax.scan(
+        lambda c, xs: accumulate(c, (xs[0], xs[1] if cfg.dropout else None)),
+        zeros, (micro_AxMxT1, scan_keys))
+    return jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+
+  def data_parallel_mean_grads(compute_params, batch_BxT1, step_key):
+    """mean_grads with one all-reduce a step on a purely data-parallel mesh.
+
+    Left to the partitioner, the replicated accumulator would be all-reduced
+    after every microbatch; here each device sums its own microbatches.
+    check_vma=False keeps autodiff from summing the gradients of the
+    replicated parameters inside the loop: pmean does it once. Meshes with
+    fsdp, seq or tensor axes stay with the partitioner (XLA 0.11 cannot
+    partition this shard_map manual over 'data' alone).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get('data', 1) == 1 or any(
+        size > 1 for name, size in mesh.shape.items() if name != 'data'):
+      return mean_grads(compute_params, batch_BxT1, step_key)
+
+    def local(compute_params, batch_BxT1, step_key):
+      step_key = jax.random.fold_in(step_key, jax.lax.axis_index('data'))
+      return jax.lax.pmean(mean_grads(compute_params, batch_BxT1, step_key),
+                           'data')
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P('data'), P()),
+                         out_specs=P(), check_vma=False)(
+                             compute_params, batch_BxT1, step_key)
+
   def train_step(state, batch_BxT1):
     params = state['params']
     # The matmul weights go to cfg.dtype once here, not once a microbatch;
     # their gradients come back in cfg.dtype and are summed in float32.
-    compute_params = cast_for_compute(params, cfg.dtype)
-    as_float32 = lambda tree: jax.tree.map(
-        lambda g, p: g.astype(p.dtype), tree, params)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
                                   state['step'])
-    keys = jax.random.split(step_key, accum_steps) if cfg.dropout else (
-        [None] * accum_steps)
-    if accum_steps == 1:
-      loss, grads = grads_of(compute_params, batch_BxT1, keys[0])
-      grads = as_float32(grads)
-    else:
-      # Row r = m * accum_steps + a keeps each device's rows in one microbatch
-      # position m, so splitting needs no cross-device movement.
-      b, t1 = batch_BxT1.shape
-      micro_AxMxT1 = batch_BxT1.reshape(b // accum_steps, accum_steps,
-                                        t1).swapaxes(0, 1)
-
-      def accumulate(carry, xs):
-        tokens, key = xs
-        loss, grads = grads_of(compute_params, tokens, key)
-        return jax.tree.map(jnp.add, carry, (loss, as_float32(grads))), None
-
-      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-      scan_keys = keys if cfg.dropout else jnp.zeros((accum_steps,))
-      (loss, grads), _ = jax.lax.scan(
-          lambda c, xs: accumulate(c, (xs[0], xs[1] if cfg.dropout else None)),
-          zeros, (micro_AxMxT1, scan_keys))
-      loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+    loss, grads = data_parallel_mean_grads(
+        cast_for_compute(params, cfg.dtype), batch_BxT1, step_key)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
