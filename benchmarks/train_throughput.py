@@ -71,7 +71,9 @@ def apply_variant(config, variant):
         parent[leaf], bool) else value == 'true'
 
 
-def measure(config, steps, warmup, profile_dir=None):
+def setup(config):
+  """(mesh, state, jitted train step, random batch) for config on all
+  devices; call under jax.set_mesh(mesh)."""
   num_devices = jax.device_count()
   config_lib.validate(config, num_devices)
   mesh = sharding.make_mesh(config.mesh, num_devices)
@@ -98,6 +100,15 @@ def measure(config, steps, warmup, profile_dir=None):
     batch = jax.jit(lambda: jax.random.randint(
         jax.random.key(1), (config.batch_size, config.data.seq_len + 1), 0,
         50257), out_shardings=sharding.batch_sharding(mesh))()
+  return mesh, state, step, batch
+
+
+def measure(config, steps, warmup, profile_dir=None):
+  num_devices = jax.device_count()
+  cfg = trainer.model_config(config)
+  accum = config_lib.accumulation_steps(config, num_devices)
+  mesh, state, step, batch = setup(config)
+  with jax.set_mesh(mesh):
     start = time.perf_counter()
     for _ in range(warmup):
       state, metrics = step(state, batch)
