@@ -29,3 +29,27 @@ def restore_latest(manager, abstract_state, data_iterator):
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iterator)))
   return restored.state
+
+
+def restore_params(workdir, abstract_params):
+  """(step, parameters) of workdir's latest checkpoint, or None without one.
+
+  Reads only the parameters: no optimizer state, no data position.
+  """
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    item = dict(params=abstract_params)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+  finally:
+    manager.close()
+  return step, restored.state['params']

@@ -100,6 +100,9 @@ def default_config():
   c.eval_batches = 10  # 0: no evaluation
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  # 'A:B' traces steps A..B (1-based, inclusive) with jax.profiler into
+  # WORKDIR/profile; '' is off.
+  c.profile_steps = ''
   return c
 
 
@@ -201,11 +204,23 @@ def validate(config, num_devices):
            f'(batch_size={config.batch_size} over {data_parallel} '
            'data-parallel devices)')
   _check(config.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
+  profile_range(config)
   if config.data.dataset != 'sample':
     path = os.path.join(config.data.data_dir, config.data.dataset)
     _check(os.path.isdir(path), 'data.dataset',
            f'no prepared dataset at {path}; run `python -m jaxflash.data.prepare '
            f'--dataset {config.data.dataset} --data_dir {config.data.data_dir}`')
+
+
+def profile_range(config):
+  """(first, last) steps of config.profile_steps, or None when it is ''."""
+  spec = config.profile_steps
+  if not spec:
+    return None
+  first, _, last = spec.partition(':')
+  _check(first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last),
+         'profile_steps', f"expected 'A:B' with 1 <= A <= B, got {spec!r}")
+  return int(first), int(last)
 
 
 def accumulation_steps(config, num_devices):

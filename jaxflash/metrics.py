@@ -1,8 +1,17 @@
-"""Training metrics: a readable line, metrics.jsonl, FLOPs and MFU."""
+"""Training metrics: a readable line, metrics.jsonl, TensorBoard events,
+FLOPs and MFU."""
 import json
+import logging
 import os
 
 import jax
+import tensorboardX
+
+from jaxflash import progress
+
+# tensorboardX warns of every NaN it writes; the training loop reports
+# non-finite steps itself, in one line.
+logging.getLogger('tensorboardX.x2num').setLevel(logging.ERROR)
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets, no sparsity).
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
@@ -31,18 +40,38 @@ def peak_memory_gib():
 
 
 class MetricsWriter:
-  """Prints a line and appends a JSON record per call, on process 0 only."""
+  """Prints a line, appends a JSON record to metrics.jsonl and writes its
+  numbers as TensorBoard scalars in workdir, per call, on process 0 only."""
 
   def __init__(self, workdir):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    # tensorboardX writes the event files without TensorFlow.
+    self._events = tensorboardX.SummaryWriter(workdir) if self.enabled else None
 
   def write(self, record):
     if not self.enabled:
       return
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
-    print(_format(record), flush=True)
+    for key, value in record.items():
+      if key != 'step' and value is not None:
+        self._events.add_scalar(key, value, record['step'])
+    self._events.flush()  # TensorBoard shows a running job as it goes
+    progress.write(_format(record))
+
+  def close(self):
+    if self.enabled:
+      self._events.close()
+
+
+def read(workdir):
+  """The records of workdir's metrics.jsonl by step; where a resumed run
+  logged a step again, its record."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  with open(path) as f:
+    records = {r['step']: r for r in map(json.loads, f)}
+  return [records[step] for step in sorted(records)]
 
 
 def _format(record):

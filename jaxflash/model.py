@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxflash import ring
 from jaxflash.attention import attention
+from kernels import reference_attention
 from kernels.flash_attention import RESIDUAL_NAMES
 
 INIT_STD = 0.02
@@ -125,15 +126,58 @@ class Block(nnx.Module):
     cfg = self.cfg
     keys = ([None] * 2 if dropout_key is None
             else list(jax.random.split(dropout_key, 2)))
-    b, t, d = x_BxTxD.shape
+    q, k, v = self._qkv(x_BxTxD)
+    y_BxTxHxK = attention(q, k, v, impl=cfg.attention_impl, causal=True,
+                          sm_scale=self._sm_scale(),
+                          seq_parallel=cfg.seq_parallel)
+    return self._after_attention(x_BxTxD, y_BxTxHxK, keys)
+
+  def prefill(self, x_BxTxD, cache_len):
+    """__call__ without dropout, also returning this layer's KV cache: the
+    keys and values of the T tokens, zero-padded to cache_len positions."""
+    cfg = self.cfg
+    q, k, v = self._qkv(x_BxTxD)
+    y_BxTxHxK = attention(q, k, v, impl=cfg.attention_impl, causal=True,
+                          sm_scale=self._sm_scale())
+    pad = ((0, 0), (0, cache_len - x_BxTxD.shape[1]), (0, 0), (0, 0))
+    return (self._after_attention(x_BxTxD, y_BxTxHxK),
+            (jnp.pad(k, pad), jnp.pad(v, pad)))
+
+  def decode(self, x_Bx1xD, cache, position):
+    """One token at `position` attending to the cache's positions before it
+    and itself; returns its output and the cache with its keys and values."""
+    q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK = self._qkv(x_Bx1xD)
+    k_BxLxHxK, v_BxLxHxK = (
+        jax.lax.dynamic_update_slice_in_dim(c, new, position, axis=1)
+        for c, new in zip(cache, (k_Bx1xHxK, v_Bx1xHxK)))
+    # One query against the whole fixed-size cache: later (empty) positions
+    # are masked out as another segment.
+    b, cache_len = k_BxLxHxK.shape[:2]
+    visible_BxL = jnp.broadcast_to(jnp.arange(cache_len) <= position,
+                                   (b, cache_len)).astype(jnp.int32)
+    y_Bx1xHxK = reference_attention(
+        q_Bx1xHxK, k_BxLxHxK, v_BxLxHxK, sm_scale=self._sm_scale(),
+        segment_ids=(jnp.ones((b, 1), jnp.int32), visible_BxL))
+    return (self._after_attention(x_Bx1xD, y_Bx1xHxK),
+            (k_BxLxHxK, v_BxLxHxK))
+
+  def _sm_scale(self):
+    sm_scale = self.cfg.head_dim ** -0.5
+    if self.cfg.scale_attn_by_inverse_layer_idx:
+      sm_scale /= self.layer_idx + 1
+    return sm_scale
+
+  def _qkv(self, x_BxTxD):
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
     h = self.ln_1(x_BxTxD).astype(cfg.dtype)
     qkv_BxTx3xHxK = self.qkv(h).reshape(b, t, 3, cfg.n_head, cfg.head_dim)
-    q, k, v = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
-    sm_scale = cfg.head_dim ** -0.5
-    if cfg.scale_attn_by_inverse_layer_idx:
-      sm_scale /= self.layer_idx + 1
-    y_BxTxHxK = attention(q, k, v, impl=cfg.attention_impl, causal=True,
-                          sm_scale=sm_scale, seq_parallel=cfg.seq_parallel)
+    return tuple(qkv_BxTx3xHxK[:, :, i] for i in range(3))
+
+  def _after_attention(self, x_BxTxD, y_BxTxHxK, keys=(None, None)):
+    """The residual adds around attention's output projection and the MLP."""
+    cfg = self.cfg
+    b, t, d = x_BxTxD.shape
     y_BxTxD = self.attn_out(y_BxTxHxK.reshape(b, t, d))
     x_BxTxD = x_BxTxD + _dropout(y_BxTxD, cfg.dropout, keys[0])
     h = self.ln_2(x_BxTxD).astype(cfg.dtype)
@@ -182,6 +226,32 @@ class GPT(nnx.Module):
     h_BxTxD = self.ln_f(x_BxTxD).astype(cfg.dtype)
     # Tied output embedding; logits in float32 for a stable softmax.
     return tied_logits(h_BxTxD, self.wte.embedding[...])
+
+  def prefill(self, tokens_BxT, cache_len):
+    """The next token's logits [batch, vocab] after a prompt, in one forward
+    pass, and the KV cache (a (keys, values) pair a layer) of cache_len
+    positions holding the prompt's."""
+    t = tokens_BxT.shape[1]
+    x_BxTxD = self.wte(tokens_BxT) + self.wpe(jnp.arange(t))[None]
+    cache = []
+    for block in self.blocks:
+      x_BxTxD, layer_cache = block.prefill(x_BxTxD, cache_len)
+      cache.append(layer_cache)
+    return self._next_logits(x_BxTxD[:, -1]), cache
+
+  def decode(self, tokens_B, cache, position):
+    """The next token's logits after tokens_B at `position`, attending to the
+    cache; returns them and the updated cache."""
+    x_Bx1xD = (self.wte(tokens_B) + self.wpe(position))[:, None]
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x_Bx1xD, layer_cache = block.decode(x_Bx1xD, layer_cache, position)
+      new_cache.append(layer_cache)
+    return self._next_logits(x_Bx1xD[:, 0]), new_cache
+
+  def _next_logits(self, x_BxD):
+    h_BxD = self.ln_f(x_BxD).astype(self.cfg.dtype)
+    return tied_logits(h_BxD[:, None], self.wte.embedding[...])[:, 0]
 
 
 def count_params(cfg: ModelConfig):

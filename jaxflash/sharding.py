@@ -62,13 +62,17 @@ def param_spec(path):
   return P(*(RULES.get(axis) for axis in logical_axes(path)))
 
 
+def param_shardings(mesh, abstract_params):
+  """NamedShardings for the parameters, by the rules."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: NamedSharding(mesh, param_spec(path)), abstract_params)
+
+
 def state_shardings(mesh, abstract_state, tx):
   """NamedShardings for the train state: params and their optimizer moments
   by the rules; step, RNG and optimizer counters replicated."""
   replicated = NamedSharding(mesh, P())
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, _: NamedSharding(mesh, param_spec(path)),
-      abstract_state['params'])
+  params = param_shardings(mesh, abstract_state['params'])
   opt_state = optax.tree_utils.tree_map_params(
       tx, lambda _, sharding: sharding, abstract_state['opt_state'], params,
       transform_non_params=lambda _: replicated)

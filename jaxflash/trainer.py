@@ -17,6 +17,8 @@ from jaxflash import checkpoint
 from jaxflash import config as config_lib
 from jaxflash import metrics as metrics_lib
 from jaxflash import optimizer as optimizer_lib
+from jaxflash import profiler as profiler_lib
+from jaxflash import progress as progress_lib
 from jaxflash import ring
 from jaxflash import sharding
 from jaxflash.attention import resolve_impl
@@ -268,11 +270,17 @@ def train(config, workdir):
     timer_start, timer_step = None, start_step
     nonfinite_steps, nonfinite_in_a_row = 0, 0
     signals = _StopSignals()
+    progress = progress_lib.TrainProgress(start_step, config.steps,
+                                          tokens_per_step)
+    profiler = profiler_lib.StepProfiler(config_lib.profile_range(config),
+                                         workdir)
     try:
       for step in range(start_step, config.steps):
+        done = step + 1
+        profiler.before_step(done)
         state, step_metrics = train_step(state,
                                          to_global(next(data_iterator)))
-        done = step + 1
+        profiler.after_step(done, step_metrics)
         if timer_start is None:  # leave compilation out of the throughput
           jax.block_until_ready(step_metrics)
           timer_start, timer_step = time.perf_counter(), done
@@ -290,10 +298,11 @@ def train(config, workdir):
                 f'{nonfinite_in_a_row} in a row); the latest checkpoint, '
                 f'step {manager.latest_step() or "none yet"}, is intact')
           if jax.process_index() == 0:
-            print(f'warning: {problem} ({nonfinite_in_a_row} in a row)',
-                  flush=True)
+            progress_lib.write(
+                f'warning: {problem} ({nonfinite_in_a_row} in a row)')
         else:
           nonfinite_in_a_row = 0
+        progress.update(done)
         if done % config.log_every == 0 or done in (1, config.steps):
           loss = float(step_metrics['loss'])  # waits for the step
           elapsed = time.perf_counter() - timer_start
@@ -324,11 +333,15 @@ def train(config, workdir):
         if stop:
           manager.wait_until_finished()
           if jax.process_index() == 0:
-            print(f'stopped at step {done} on {stop}: checkpoint saved; run '
-                  'the same command to resume', flush=True)
+            progress_lib.write(f'stopped at step {done} on {stop}: '
+                               'checkpoint saved; run the same command to '
+                               'resume')
           break
     finally:
       signals.restore()
+      progress.close()
+      profiler.stop()
+      writer.close()
     manager.wait_until_finished()
     manager.close()
     return state

@@ -152,8 +152,10 @@ def write_dataset(documents, out_dir, *, source, val_fraction, seed,
     results = parallel.ordered_map(_encode_range, chunks, workers,
                                    _set_documents, (documents,))
     empty, total, start_time = 0, 0, time.perf_counter()
+    # Shown only where stderr is a terminal, so logs stay clean.
     with tqdm.tqdm(total=num_documents, unit='doc', unit_scale=True,
-                   disable=not progress, desc=f'tokenizing {source}') as bar:
+                   disable=None if progress else True,
+                   desc=f'tokenizing {source}') as bar:
       for (start, stop), (ids, lengths) in zip(chunks, results):
         val = is_val[start:stop]
         nonempty = lengths > 0
@@ -164,6 +166,7 @@ def write_dataset(documents, out_dir, *, source, val_fraction, seed,
         total += len(ids)
         bar.update(stop - start)
         bar.set_postfix_str(
+            f'{total:,} tokens, '
             f'{total / (time.perf_counter() - start_time):,.0f} tok/s',
             refresh=False)
     meta = dict(settings, eos_id=tokenizer.EOS_ID,
@@ -205,7 +208,7 @@ def read_meta(data_dir, dataset):
     return json.load(f)
 
 
-def prepare_sample(data_dir, workers=1):
+def prepare_sample(data_dir, workers=1, progress=False):
   """Generates and tokenizes the built-in sample corpus (a few seconds)."""
   out_dir = os.path.join(data_dir, 'sample')
   source = 'jaxflash.data.sample_corpus'
@@ -215,7 +218,7 @@ def prepare_sample(data_dir, workers=1):
     return meta
   return write_dataset(list(sample_corpus.generate()), out_dir, source=source,
                        val_fraction=SAMPLE_VAL_FRACTION, seed=SPLIT_SEED,
-                       workers=workers)
+                       workers=workers, progress=progress)
 
 
 def prepare_text(pattern, data_dir, name='text', val_fraction=VAL_FRACTION,
@@ -286,7 +289,7 @@ def main(argv):
     raise app.UsageError(f'--val_fraction must be in (0, 1), got '
                          f'{f.val_fraction}')
   if f.dataset == 'sample':
-    meta = prepare_sample(f.data_dir, f.workers)
+    meta = prepare_sample(f.data_dir, f.workers, progress=True)
   elif f.dataset == 'openwebtext':
     meta = prepare_openwebtext(f.data_dir, f.manual_dir, f.workers,
                                progress=True)

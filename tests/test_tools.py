@@ -1,0 +1,179 @@
+"""The tools around training, as a user runs them on a short run: progress
+bar, TensorBoard events, profile trace, plots, evaluation, sampling."""
+import fcntl
+import io
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+import threading
+
+import jax
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+
+from jaxflash import config as config_lib
+from jaxflash import progress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ['--config.model.d_model=64', '--config.model.n_layer=2',
+         '--config.batch_size=4', '--config.log_every=1', '--config.steps=4',
+         '--config.eval_every=2', '--config.eval_batches=2',
+         '--config.optimizer.warmup_steps=1']
+
+
+def python(*args):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+
+
+def one_error_line(result, *expected):
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  for text in expected:
+    assert text in lines[0], lines[0]
+
+
+def run_on_terminal(cmd):
+  """Runs cmd with stderr on a pseudo-terminal; returns (rc, stdout, the
+  terminal's text)."""
+  leader, follower = pty.openpty()
+  fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 120, 0, 0))
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=follower, text=True)
+  os.close(follower)
+  terminal = []
+
+  def drain():  # a full terminal buffer would block the run
+    while True:
+      try:
+        chunk = os.read(leader, 4096)
+      except OSError:  # the run closed the terminal
+        return
+      if not chunk:
+        return
+      terminal.append(chunk)
+
+  reader = threading.Thread(target=drain)
+  reader.start()
+  stdout, _ = proc.communicate(timeout=300)
+  reader.join(timeout=10)
+  os.close(leader)
+  return proc.returncode, stdout, b''.join(terminal).decode(errors='replace')
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """A 4-step run traced at steps 2..3, its stderr on a terminal."""
+  workdir = tmp_path_factory.mktemp('run')
+  data_dir = tmp_path_factory.mktemp('data')
+  rc, stdout, terminal = run_on_terminal(
+      [sys.executable, 'train.py', '--config', 'configs/tiny.py',
+       f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *SMALL,
+       '--config.profile_steps=2:3'])
+  assert rc == 0, terminal
+  with open(workdir / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  return dict(workdir=workdir, stdout=stdout, terminal=terminal,
+              records=records)
+
+
+def test_progress_bar_on_a_terminal_leaves_log_lines_whole(run):
+  assert 'step 4/4' in run['terminal'] and 'tok/s' in run['terminal']
+  assert '2.05k/2.05k' in run['terminal']  # 4 steps x 4 x 128 tokens
+  lines = run['stdout'].splitlines()
+  assert [line.split(' | ')[0] for line in lines[1:]] == [
+      f'step {i}' for i in range(1, 5)]
+
+
+def test_prepare_shows_progress_only_on_a_terminal(tmp_path):
+  prepare = [sys.executable, '-m', 'jaxflash.data.prepare', '--dataset',
+             'sample', '--workers=1']
+  rc, stdout, terminal = run_on_terminal(
+      [*prepare, f'--data_dir={tmp_path / "a"}'])
+  assert rc == 0, terminal
+  assert 'tokenizing' in terminal and '4.00k/4.00k' in terminal, terminal
+  assert 'tokens' in terminal and 'tok/s' in terminal
+  assert stdout.startswith('train: ')
+  piped = python(*prepare[1:], f'--data_dir={tmp_path / "b"}')
+  assert piped.returncode == 0 and not piped.stderr, piped.stderr
+
+
+class _Terminal(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+def test_progress_bar_only_on_a_terminal_and_process_0(monkeypatch):
+  shown = lambda out: (progress.TrainProgress(1, 4, 512, out).update(2),
+                       out.getvalue())[1]
+  assert 'step 2/4' in shown(_Terminal())
+  assert not shown(io.StringIO())
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  assert not shown(_Terminal())
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(run):
+  events = event_accumulator.EventAccumulator(str(run['workdir']))
+  events.Reload()
+  for key in ('loss', 'lr', 'grad_norm', 'eval_loss', 'tokens_per_sec'):
+    logged = {r['step']: r[key] for r in run['records']
+              if r.get(key) is not None}
+    scalars = {e.step: e.value for e in events.Scalars(key)}
+    assert scalars == pytest.approx(logged, rel=1e-6), key
+  assert set(logged) == {2, 3, 4}
+
+
+def test_profile_steps_leave_a_trace(run):
+  traces = [name for _, _, names in os.walk(run['workdir'] / 'profile')
+            for name in names if name.endswith('.xplane.pb')]
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize('spec', ['3', '0:2', '3:2', 'a:b', '2:'])
+def test_bad_profile_steps_is_refused(spec):
+  config = config_lib.default_config()
+  config.profile_steps = spec
+  with pytest.raises(config_lib.ConfigError, match='config.profile_steps'):
+    config_lib.validate(config, 1)
+
+
+def test_plot_writes_png_charts(run):
+  out = run['workdir'] / 'charts'
+  result = python('-m', 'jaxflash.plot', str(run['workdir']), '--out',
+                  str(out))
+  assert result.returncode == 0, result.stderr
+  for name in ('loss.png', 'lr.png', 'throughput.png'):
+    with Image.open(out / name) as image:
+      assert image.format == 'PNG' and image.size[0] > 100
+      image.verify()
+
+
+def test_evaluate_reproduces_the_runs_eval_loss(run):
+  result = python('-m', 'jaxflash.evaluate', '--workdir', str(run['workdir']))
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith('step 4 | validation loss '), result.stdout
+  loss = float(result.stdout.split('validation loss ')[1].split()[0])
+  assert loss == pytest.approx(run['records'][-1]['eval_loss'], abs=1e-4)
+  assert 'perplexity' in result.stdout
+
+
+def test_generate_continues_the_prompt(run):
+  result = python('-m', 'jaxflash.generate', '--workdir', str(run['workdir']),
+                  '--prompt', 'Maya and the', '--max_new_tokens', '8',
+                  '--top_k', '20')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith('Maya and the')
+  assert len(result.stdout.strip()) > len('Maya and the')
+
+
+def test_generate_refuses_a_prompt_longer_than_the_model(run):
+  result = python('-m', 'jaxflash.generate', '--workdir', str(run['workdir']),
+                  '--prompt', ' word' * 200)
+  one_error_line(result, '--prompt: 200 tokens', 'max_seq_len=128')
