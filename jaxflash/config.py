@@ -58,6 +58,8 @@ def default_config():
   c.model.attention_impl = 'auto'
   c.model.dtype = 'bfloat16'  # compute; parameters stay float32
   c.model.remat = 'none'  # one of REMAT_POLICIES
+  # Positions' logits computed at a time in the loss: 1/loss_chunks of them.
+  c.model.loss_chunks = 1
 
   # Mesh axes (jaxflash/sharding.py): fsdp shards parameters and optimizer
   # state, seq runs ring attention over the sequence (zigzag layout), tensor
@@ -185,6 +187,11 @@ def validate(config, num_devices):
     _check(config.data.seq_len % (2 * mesh.seq) == 0, 'data.seq_len',
            f'{config.data.seq_len} is not divisible by 2 * mesh.seq = '
            f'{2 * mesh.seq} (zigzag ring attention)')
+  _check(isinstance(m.loss_chunks, int) and m.loss_chunks >= 1 and
+         config.data.seq_len % (m.loss_chunks * config.mesh.seq) == 0,
+         'model.loss_chunks',
+         f'{m.loss_chunks} x mesh.seq={config.mesh.seq} must divide '
+         f'data.seq_len={config.data.seq_len}')
   _check(m.d_model % mesh.fsdp == 0, 'mesh.fsdp',
          f'{mesh.fsdp} does not divide model.d_model={m.d_model}')
   for key in ('n_head', 'vocab_size'):

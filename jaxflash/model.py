@@ -32,6 +32,7 @@ class ModelConfig:
   attention_impl: str = 'xla'  # resolved: 'xla' or 'flash'
   dtype: str = 'bfloat16'
   remat: str = 'none'
+  loss_chunks: int = 1
   seq_parallel: int = 1  # devices on the mesh axis 'seq' (ring attention)
 
   @property
@@ -206,6 +207,12 @@ class GPT(nnx.Module):
                               rngs=rngs)
 
   def __call__(self, tokens_BxT, positions_T=None, dropout_key=None):
+    # Tied output embedding; logits in float32 for a stable softmax.
+    return tied_logits(self.hidden(tokens_BxT, positions_T, dropout_key),
+                       self.wte.embedding[...])
+
+  def hidden(self, tokens_BxT, positions_T=None, dropout_key=None):
+    """The final normalized states [batch, seq, d_model] in cfg.dtype."""
     cfg = self.cfg
     if positions_T is None:
       positions_T = jnp.arange(tokens_BxT.shape[1])
@@ -223,9 +230,7 @@ class GPT(nnx.Module):
       run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
     for block, key in zip(self.blocks, block_keys):
       x_BxTxD = run_block(block, x_BxTxD, key)
-    h_BxTxD = self.ln_f(x_BxTxD).astype(cfg.dtype)
-    # Tied output embedding; logits in float32 for a stable softmax.
-    return tied_logits(h_BxTxD, self.wte.embedding[...])
+    return self.ln_f(x_BxTxD).astype(cfg.dtype)
 
   def prefill(self, tokens_BxT, cache_len):
     """The next token's logits [batch, vocab] after a prompt, in one forward

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxflash import checkpoint
 from jaxflash import config as config_lib
+from jaxflash import loss as loss_lib
 from jaxflash import metrics as metrics_lib
 from jaxflash import optimizer as optimizer_lib
 from jaxflash import profiler as profiler_lib
@@ -75,9 +76,9 @@ def loss_fn(graphdef, params, tokens_BxT1, dropout_key=None):
     inputs_BxT, targets_BxT = (ring.to_layout(x, n, 'zigzag')
                                for x in (inputs_BxT, targets_BxT))
     positions_T = ring.to_layout(positions_T, n, 'zigzag', axis=0)
-  logits_BxTxV = model(inputs_BxT, positions_T, dropout_key)
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV, targets_BxT).mean()
+  h_BxTxD = model.hidden(inputs_BxT, positions_T, dropout_key)
+  return loss_lib.cross_entropy(h_BxTxD, model.wte.embedding[...],
+                                targets_BxT, model.cfg.loss_chunks)
 
 
 def init_state(config, graphdef_and_params, tx):

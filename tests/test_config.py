@@ -37,6 +37,7 @@ def test_default_config_is_valid():
     ('eval_batches', -1, 1),
     ('data.seq_len', 102, 4),  # with mesh.seq=2 below: not divisible by 4
     ('model.remat', 'some', 1),
+    ('model.loss_chunks', 3, 1),  # seq_len 128
     ('model.vocab_size', 1000, 1),
 ])
 def test_bad_values_name_their_key(key, value, num_devices):

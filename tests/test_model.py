@@ -150,3 +150,21 @@ def test_tied_logits_backward_matches_autodiff():
   dh, dwte = vjp(g)
   assert dh.dtype == jnp.bfloat16 and dwte.dtype == jnp.float32
   np.testing.assert_allclose(dwte, expected_dwte, rtol=0.05, atol=0.05)
+
+
+def test_chunked_loss_matches_whole():
+  config = config_lib.default_config()
+  config.model.update(vocab_size=96, max_seq_len=32, d_model=32, n_layer=1,
+                      n_head=2, dtype='float32', attention_impl='xla')
+  tokens = jax.random.randint(jax.random.key(4), (2, 33), 0, 96)
+  results = []
+  for chunks in (1, 4):
+    config.model.loss_chunks = chunks
+    graphdef, params = nnx.split(
+        GPT(trainer.model_config(config), rngs=nnx.Rngs(0)), nnx.Param)
+    results.append(jax.value_and_grad(
+        lambda p, g=graphdef: trainer.loss_fn(g, p, tokens))(params))
+  (loss, grads), (loss_c, grads_c) = results
+  np.testing.assert_allclose(loss_c, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
