@@ -12,7 +12,6 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 from flax import nnx
 
 from jaxflash import config as config_lib
@@ -50,10 +49,7 @@ def _define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs its restore at INFO
+  workdir_lib.start_cli(argv)
   f = flags.FLAGS
   try:
     config = workdir_lib.load_config(f.workdir)

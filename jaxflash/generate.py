@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from absl import app
 from absl import flags
-from absl import logging
 from flax import nnx
 
 from jaxflash import config as config_lib
@@ -139,10 +138,7 @@ def _define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs its restore at INFO
+  workdir_lib.start_cli(argv)
   f = flags.FLAGS
   for ok, problem in ((f.max_new_tokens >= 1, '--max_new_tokens must be >= 1'),
                       (f.temperature >= 0, '--temperature must be >= 0'),

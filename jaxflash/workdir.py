@@ -1,14 +1,25 @@
 """What a training run left in its workdir: its config and latest parameters."""
 import json
 import os
+import sys
 
 import jax
+from absl import flags
+from absl import logging
 from flax import nnx
 
 from jaxflash import checkpoint
 from jaxflash import config as config_lib
 from jaxflash import sharding
 from jaxflash.model import GPT
+
+
+def start_cli(argv):
+  """The workdir tools' start: no stray arguments; Orbax's INFO logs off."""
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def load_config(workdir):
