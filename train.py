@@ -53,9 +53,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    # Orbax logs a failed save or read from each thread it reaches, with
+    # tracebacks; the run reports it once, in one line (CheckpointError).
+    logging.get_absl_logger().addFilter(
+        lambda record: record.levelno < logging.converter.STANDARD_ERROR
+        or f'{os.sep}orbax{os.sep}' not in record.pathname)
   config_path = flags.FLAGS['config'].config_filename
   if not os.path.isfile(config_path):
     sys.exit(f'error: --config: no such file {config_path}')
+  from jaxflash import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxflash import distributed  # pylint: disable=g-import-not-at-top
   from jaxflash import trainer  # pylint: disable=g-import-not-at-top
   try:
@@ -68,7 +74,8 @@ def main(argv):
       'runs', os.path.splitext(os.path.basename(config_path))[0])
   try:
     trainer.train(_CONFIG.value, workdir)
-  except (config_lib.UsageError, trainer.TrainingStopped) as e:
+  except (config_lib.UsageError, trainer.TrainingStopped,
+          checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
 
 

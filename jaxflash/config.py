@@ -3,8 +3,6 @@
 Configs are ml_collections ConfigDicts built by `get_config()` in configs/*.py.
 `validate` runs before anything is compiled and raises ConfigError naming the key.
 """
-import os
-
 import ml_collections
 
 from jaxflash.data.tokenizer import VOCAB_SIZE as GPT2_VOCAB_SIZE
@@ -164,6 +162,7 @@ def validate(config, num_devices):
          f'must be in [0, 1), got {m.dropout}')
   _check(config.data.seq_len <= m.max_seq_len, 'data.seq_len',
          f'{config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
+  _check_flash_head_dim(config)
   o = config.optimizer
   _check(config.on_nan in ON_NAN, 'on_nan',
          f'{config.on_nan!r} is not one of {ON_NAN}')
@@ -213,10 +212,36 @@ def validate(config, num_devices):
   _check(config.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
   profile_range(config)
   if config.data.dataset != 'sample':
-    path = os.path.join(config.data.data_dir, config.data.dataset)
-    _check(os.path.isdir(path), 'data.dataset',
-           f'no prepared dataset at {path}; run `python -m jaxflash.data.prepare '
-           f'--dataset {config.data.dataset} --data_dir {config.data.data_dir}`')
+    # Imported here: slow to import, and train.py reads its flags first.
+    from jaxflash.data import prepare  # pylint: disable=g-import-not-at-top
+    try:
+      prepare.read_meta(config.data.data_dir, config.data.dataset)
+    except FileNotFoundError as e:
+      raise ConfigError('data.dataset', str(e)) from None
+
+
+def _check_flash_head_dim(config):
+  """The Pallas kernel's own input check, on the model's q, k and v."""
+  # Imported here: train.py reads its flags before JAX loads, and resolve_impl
+  # asks for the backend, which must wait for jax.distributed.
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jaxflash.attention import resolve_impl
+  from kernels.flash_attention import _check_qkv
+  # pylint: enable=g-import-not-at-top
+  m = config.model
+  if resolve_impl(m.attention_impl) != 'flash':
+    return
+  head_dim = m.d_model // m.n_head
+  qkv = jax.ShapeDtypeStruct((1, config.data.seq_len, m.n_head, head_dim),
+                             m.dtype)
+  try:
+    _check_qkv(qkv, qkv, qkv)
+  except ValueError as e:
+    raise ConfigError(
+        'model.n_head', f'model.d_model={m.d_model} / n_head={m.n_head} gives '
+        f'head_dim {head_dim}, which flash attention cannot run ({e}); choose '
+        'another n_head, or model.attention_impl=xla') from None
 
 
 def profile_range(config):

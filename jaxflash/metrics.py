@@ -64,6 +64,29 @@ class MetricsWriter:
     if self.enabled:
       self._events.close()
 
+  def drop_records_after(self, step):
+    """Keeps metrics.jsonl's records up to `step`, where the run resumes.
+
+    A killed run may have logged steps past its last checkpoint, which the
+    resumed run logs again; a line the kill cut short goes too.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        if json.loads(line)['step'] <= step:
+          kept.append(line.rstrip('\n') + '\n')
+      except json.JSONDecodeError:
+        pass
+    if kept != lines:
+      temporary = self.path + '.tmp'
+      with open(temporary, 'w') as f:
+        f.writelines(kept)
+      os.replace(temporary, self.path)  # a kill now leaves either file whole
+
 
 def read(workdir):
   """The records of workdir's metrics.jsonl by step; where a resumed run

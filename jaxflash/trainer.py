@@ -245,6 +245,7 @@ def train(config, workdir):
       state = jax.jit(build, out_shardings=state_sharding)()
     start_step = int(state['step'])
     writer = metrics_lib.MetricsWriter(workdir)
+    writer.drop_records_after(start_step)
     num_params = count_params(cfg)
     tokens_per_step = config.batch_size * config.data.seq_len
     flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
@@ -293,7 +294,7 @@ def train(config, workdir):
                      'the update was skipped')
           if (config.on_nan == 'stop'
               or nonfinite_in_a_row > config.max_nan_skips):
-            manager.wait_until_finished()
+            checkpoint.wait(manager)
             raise TrainingStopped(
                 f'{problem}; stopping (on_nan={config.on_nan}, '
                 f'{nonfinite_in_a_row} in a row); the latest checkpoint, '
@@ -332,7 +333,7 @@ def train(config, workdir):
             or stop):
           checkpoint.save(manager, done, state, data_iterator)
         if stop:
-          manager.wait_until_finished()
+          checkpoint.wait(manager)
           if jax.process_index() == 0:
             progress_lib.write(f'stopped at step {done} on {stop}: '
                                'checkpoint saved; run the same command to '
@@ -343,6 +344,6 @@ def train(config, workdir):
       progress.close()
       profiler.stop()
       writer.close()
-    manager.wait_until_finished()
+    checkpoint.wait(manager)
     manager.close()
     return state

@@ -68,3 +68,14 @@ def test_bad_meshes_are_refused(overrides, num_devices, key):
     overrides = dict(overrides, batch_size=6)
   with pytest.raises(config_lib.ConfigError, match=f'config.{key}:'):
     config_lib.validate(_config(**overrides), num_devices=num_devices)
+
+
+def test_flash_head_dim_is_checked_with_the_kernels_rule():
+  # d_model 64 over 8 heads gives head_dim 8; the kernel needs 16 to 256.
+  flash = _config(**{'model.n_head': 8, 'model.attention_impl': 'flash'})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config.model.n_head: model.d_model=64 / n_head=8 '
+                     r'gives head_dim 8, .*multiple of 8 in \[16, 256\]'):
+    config_lib.validate(flash, num_devices=1)
+  xla = _config(**{'model.n_head': 8, 'model.attention_impl': 'xla'})
+  config_lib.validate(xla, num_devices=1)  # XLA takes any head_dim
