@@ -227,7 +227,7 @@ def _check_flash_head_dim(config):
   # pylint: disable=g-import-not-at-top
   import jax
   from jaxflash.attention import resolve_impl
-  from kernels.flash_attention import _check_qkv
+  from kernels.flash_attention import check_qkv
   # pylint: enable=g-import-not-at-top
   m = config.model
   if resolve_impl(m.attention_impl) != 'flash':
@@ -236,7 +236,7 @@ def _check_flash_head_dim(config):
   qkv = jax.ShapeDtypeStruct((1, config.data.seq_len, m.n_head, head_dim),
                              m.dtype)
   try:
-    _check_qkv(qkv, qkv, qkv)
+    check_qkv(qkv, qkv, qkv)
   except ValueError as e:
     raise ConfigError(
         'model.n_head', f'model.d_model={m.d_model} / n_head={m.n_head} gives '

@@ -43,11 +43,16 @@ class MetricsWriter:
   """Prints a line, appends a JSON record to metrics.jsonl and writes its
   numbers as TensorBoard scalars in workdir, per call, on process 0 only."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, start_step=0):
+    """A run resuming at start_step first drops what was logged after it."""
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    # tensorboardX writes the event files without TensorFlow.
-    self._events = tensorboardX.SummaryWriter(workdir) if self.enabled else None
+    self._drop_records_after(start_step)
+    # tensorboardX writes the event files without TensorFlow; purge_step
+    # hides the events of steps logged after the checkpoint, as above.
+    self._events = tensorboardX.SummaryWriter(
+        workdir, purge_step=start_step + 1 if start_step else None
+    ) if self.enabled else None
 
   def write(self, record):
     if not self.enabled:
@@ -64,7 +69,7 @@ class MetricsWriter:
     if self.enabled:
       self._events.close()
 
-  def drop_records_after(self, step):
+  def _drop_records_after(self, step):
     """Keeps metrics.jsonl's records up to `step`, where the run resumes.
 
     A killed run may have logged steps past its last checkpoint, which the

@@ -244,8 +244,7 @@ def train(config, workdir):
     if state is None:
       state = jax.jit(build, out_shardings=state_sharding)()
     start_step = int(state['step'])
-    writer = metrics_lib.MetricsWriter(workdir)
-    writer.drop_records_after(start_step)
+    writer = metrics_lib.MetricsWriter(workdir, start_step)
     num_params = count_params(cfg)
     tokens_per_step = config.batch_size * config.data.seq_len
     flops_per_step = tokens_per_step * metrics_lib.flops_per_token(

@@ -27,7 +27,9 @@ RESIDUAL_NAMES = ('attention_out', 'attention_lse')
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def _check_qkv(q, k, v):
+def check_qkv(q, k, v):
+  """Raises ValueError naming what the kernels cannot run; takes arrays or
+  jax.ShapeDtypeStructs, so configs are checked before anything compiles."""
   for name, x in (('q', q), ('k', k), ('v', v)):
     if getattr(x, 'ndim', None) != 4:
       raise ValueError(f'{name}: expected rank 4 [batch, seq, heads, head_dim],'
@@ -93,7 +95,7 @@ def _check_block_sizes(block_sizes, q, k, causal):
 def _config(q, k, v, segment_ids, *, causal, sm_scale, interpret,
             block_sizes):
   """Validates everything from shapes, before anything compiles."""
-  _check_qkv(q, k, v)
+  check_qkv(q, k, v)
   segments = _check_segments(segment_ids, q, k)
   head_dim = q.shape[-1]
   if sm_scale is None:

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from jaxflash import config as config_lib
 from jaxflash import progress
+from test_reliability import one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--config.model.d_model=64', '--config.model.n_layer=2',
@@ -29,14 +30,6 @@ SMALL = ['--config.model.d_model=64', '--config.model.n_layer=2',
 def python(*args):
   return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
-
-
-def one_error_line(result, *expected):
-  assert result.returncode != 0
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1, result.stderr
-  for text in expected:
-    assert text in lines[0], lines[0]
 
 
 def run_on_terminal(cmd):
