@@ -12,7 +12,8 @@ Layouts of the sequence over the devices:
       computes i + 1 of the N blocks (blocks above the diagonal are skipped).
   'zigzag': the sequence is cut into 2N chunks and device i holds chunks i and
       2N-1-i, so with causal masking every device computes the same work at
-      every step. A model keeps its activations in this order (`to_layout` on
+      every step: after the diagonal step, one kernel call of two c x c blocks
+      stacked on the batch axis (c = seq / 2N). A model keeps its activations in this order (`to_layout` on
       the tokens and positions once) and pays no per-layer reshuffle.
 """
 import functools
@@ -151,28 +152,17 @@ def _halves(x, axis):
           jax.lax.slice_in_dim(x, half, 2 * half, axis=axis))
 
 
-def _pad_first_half(x, axis, fill):
-  """[..., C, ...] -> [..., 2C, ...] with the first half filled."""
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (x.shape[axis], 0)
-  return jnp.pad(x, pad, constant_values=fill)
-
-
-def _pad_second_half(x, axis, fill):
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, x.shape[axis])
-  return jnp.pad(x, pad, constant_values=fill)
-
-
 # Units of c x c for each case of _step_case.
 _CASE_WORK = (2, 4, 0, 2, 2)
+_EARLIER = 3
 
 
 def _step_case(t, i, n, layout, causal):
   """Which block computation device i runs at step t (traced index i).
 
   0: the diagonal (causal), 1: full, 2: skip (natural, above the diagonal),
-  3: zigzag, q all vs k first half, 4: zigzag, q second half vs k all.
+  3: zigzag, K/V from an earlier device: q all vs k first half,
+  4: zigzag, K/V from a later device: q second half vs k all.
   """
   if not causal:
     return 1
@@ -182,6 +172,60 @@ def _step_case(t, i, n, layout, causal):
   if layout == 'natural':
     return jnp.where(j < i, 1, 2)
   return jnp.where(j < i, 3, 4)
+
+
+# A zigzag step against another device's K/V is two c x c blocks. Cases 3 and
+# 4 share (q second half, k first half); the other block is (q first, k first)
+# for K/V from an earlier device, (q second, k second) from a later one.
+# Stacked on the batch axis they make one kernel call of the same shape on
+# every device at every step, so no device waits for another at a hop and no
+# branch sits between the kernels and the transfers.
+_Q_SHARED, _K_SHARED = 1, 0
+
+
+def _stack_blocks(earlier, x, shared, axis=1):
+  """x's halves as the two blocks see them: [shared half; picked half]."""
+  halves = _halves(x, axis)
+  return jnp.concatenate([halves[shared],
+                          jnp.where(earlier, halves[0], halves[1])])
+
+
+def _split_blocks(earlier, x, zero):
+  """The two blocks' results -> (shared, to the first half, to the second)."""
+  shared, other = jnp.split(x, 2)
+  return (shared, jnp.where(earlier, other, zero),
+          jnp.where(earlier, zero, other))
+
+
+def _zigzag_fwd(earlier, full, q, k, v, q_seg, kv_seg):
+  """(o, lse) of the local queries against another device's K/V chunk."""
+  qs, ks, vs = (_stack_blocks(earlier, x, s)
+                for x, s in ((q, _Q_SHARED), (k, _K_SHARED), (v, _K_SHARED)))
+  segs = ((None, None) if q_seg is None else
+          (_stack_blocks(earlier, q_seg, _Q_SHARED),
+           _stack_blocks(earlier, kv_seg, _K_SHARED)))
+  o, lse = full(qs, ks, vs, *segs)
+  o_shared, o1, o2 = _split_blocks(earlier, o, 0.0)
+  lse_shared, lse1, lse2 = _split_blocks(earlier, lse, -jnp.inf)
+  o2, lse2 = _merge(o_shared, lse_shared, o2, lse2)
+  return (jnp.concatenate([o1, o2], axis=1),
+          jnp.concatenate([lse1, lse2], axis=2))
+
+
+def _zigzag_bwd(earlier, full, q, k, v, o, lse, do, q_seg, kv_seg):
+  """(dq, dk, dv) of _zigzag_fwd, from the global o, lse and dO."""
+  rows = lambda x, axis=1: _stack_blocks(earlier, x, _Q_SHARED, axis)
+  keys = lambda x: _stack_blocks(earlier, x, _K_SHARED)
+  segs = (None, None) if q_seg is None else (rows(q_seg), keys(kv_seg))
+  dq, dk, dv = full(rows(q), keys(k), keys(v), rows(o), rows(lse, 2), rows(do),
+                    *segs)
+  dq_shared, dq1, dq2 = _split_blocks(earlier, dq, 0.0)
+
+  def key_side(dx):
+    shared, to_first, to_second = _split_blocks(earlier, dx, 0.0)
+    return jnp.concatenate([shared + to_first, to_second], axis=1)
+  return (jnp.concatenate([dq1, dq_shared + dq2], axis=1), key_side(dk),
+          key_side(dv))
 
 
 def _pass_on(x, axis, perm, communicate):
@@ -205,18 +249,7 @@ def _ring_fwd(q, k, v, q_seg, kv_seg, *, axis, n, causal, layout, sm_scale,
   def skip(*_):
     return empty
 
-  def q_vs_first_k(q, k, v, q_seg, kv_seg):
-    k1, v1 = _halves(k, 1)[0], _halves(v, 1)[0]
-    s1 = None if kv_seg is None else _halves(kv_seg, 1)[0]
-    return block(q, k1, v1, q_seg, s1, causal=False)
-
-  def second_q_vs_k(q, k, v, q_seg, kv_seg):
-    q2 = _halves(q, 1)[1]
-    s2 = None if q_seg is None else _halves(q_seg, 1)[1]
-    o2, lse2 = block(q2, k, v, s2, kv_seg, causal=False)
-    return _pad_first_half(o2, 1, 0.0), _pad_first_half(lse2, 2, -jnp.inf)
-
-  branches = (diagonal, full, skip, q_vs_first_k, second_q_vs_k)
+  branches = (diagonal, full, skip)
   perm = [(src, (src + 1) % n) for src in range(n)]
   o, lse = empty
   kv = (k, v, kv_seg)
@@ -227,6 +260,8 @@ def _ring_fwd(q, k, v, q_seg, kv_seg, *, axis, n, causal, layout, sm_scale,
     args = (q, *kv[:2], q_seg, kv[2])
     if isinstance(case, int):
       o_t, lse_t = branches[case](*args)
+    elif layout == 'zigzag':
+      o_t, lse_t = _zigzag_fwd(case == _EARLIER, full, *args)
     else:
       o_t, lse_t = jax.lax.switch(case, branches, *args)
     o, lse = _merge(o, lse, o_t, lse_t)
@@ -249,20 +284,7 @@ def _ring_bwd(q, k, v, o, lse, do, q_seg, kv_seg, *, axis, n, causal, layout,
   def skip(q, k, v, *_):
     return zeros(q), zeros(k), zeros(v)
 
-  def q_vs_first_k(q, k, v, o, lse, do, q_seg, kv_seg):
-    k1, v1 = _halves(k, 1)[0], _halves(v, 1)[0]
-    s1 = None if kv_seg is None else _halves(kv_seg, 1)[0]
-    dq, dk1, dv1 = block(q, k1, v1, o, lse, do, q_seg, s1, causal=False)
-    return dq, _pad_second_half(dk1, 1, 0.0), _pad_second_half(dv1, 1, 0.0)
-
-  def second_q_vs_k(q, k, v, o, lse, do, q_seg, kv_seg):
-    second = lambda x, axis=1: _halves(x, axis)[1]
-    s2 = None if q_seg is None else second(q_seg)
-    dq2, dk, dv = block(second(q), k, v, second(o), second(lse, 2), second(do),
-                        s2, kv_seg, causal=False)
-    return _pad_first_half(dq2, 1, 0.0), dk, dv
-
-  branches = (diagonal, full, skip, q_vs_first_k, second_q_vs_k)
+  branches = (diagonal, full, skip)
   perm = [(src, (src + 1) % n) for src in range(n)]
   dq = zeros(q)
   kv = (k, v, kv_seg)
@@ -273,6 +295,8 @@ def _ring_bwd(q, k, v, o, lse, do, q_seg, kv_seg, *, axis, n, causal, layout,
     args = (q, *kv[:2], o, lse, do, q_seg, kv[2])
     if isinstance(case, int):
       grads = branches[case](*args)
+    elif layout == 'zigzag':
+      grads = _zigzag_bwd(case == _EARLIER, full, *args)
     else:
       grads = jax.lax.switch(case, branches, *args)
     dq = dq + grads[0]
