@@ -1,14 +1,18 @@
 """The longest sequence for which one GPT training step fits, on 1, 2, 4 GPUs.
 
   python benchmarks/longest_sequence.py --config configs/owt/gpt3_1.3b.py \
-      --gpus 1,2,4 --variants remat=full
+      --gpus 1,2,4 --variants remat=none
 
 For each GPU count n, a process that sees the first n GPUs trains one
 sequence of T tokens a step with the sequence split over all n (mesh.seq=n,
-zigzag ring attention; plain flash attention on one GPU) and the model's
-positions sized to T. T doubles from n * resolution until a step runs out of
-memory, then bisects to `resolution` tokens. A size counts only when a whole
-step (forward, backward, AdamW update) ran. Writes
+zigzag ring attention, parameters and Adam's moments sharded over the n GPUs;
+plain flash attention on one GPU) and the model's positions sized to T.
+A trial at T compiles the step and runs it once. Two short trials measure
+peak memory; the line through them predicts the T where it reaches the
+allocator's limit, and trials step from there on a grid of n * resolution
+tokens until one fits and the next does not. A size counts only when a whole
+step (forward, backward, AdamW update) ran. Each trial is a full compile, so
+the prediction keeps the search to a handful. Writes
 <out>/longest_sequence_<gpu>.json and prints the growth over one GPU.
 """
 import argparse
@@ -27,11 +31,21 @@ import jax
 # pylint: enable=g-import-not-at-top
 
 OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory')
+# The children let XLA's allocator take this much of each GPU (JAX's default
+# is 0.75): the question is what fits on the GPU.
+MEM_FRACTION = '0.95'
 
 
-def step_seconds(config_path, variant, tokens):
-  """Seconds for one training step at `tokens` on every visible device, or
-  None when it does not fit in memory."""
+def peak_bytes():
+  """The largest peak so far over this process's devices, and their limit."""
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  return (max(s.get('peak_bytes_in_use', 0) for s in stats),
+          min(s.get('bytes_limit', 0) for s in stats))
+
+
+def trial(config_path, variant, tokens):
+  """One training step at `tokens` on every visible device: a record with
+  its run time (None when it does not fit) and the peak memory so far."""
   n = jax.device_count()
   config = train_throughput.load_config(config_path)
   config.data.dataset = 'sample'  # random tokens; no dataset is read
@@ -42,85 +56,133 @@ def step_seconds(config_path, variant, tokens):
   if tokens % (n * 1024) == 0:
     config.model.loss_chunks = tokens // (n * 1024)
   train_throughput.apply_variant(config, variant)
+  record = dict(tokens=tokens, step_s=None)
+  state = batch = metrics = None
   try:
     mesh, state, step, batch = train_throughput.setup(config)
     with jax.set_mesh(mesh):
-      state, metrics = step(state, batch)  # compiles
-      jax.block_until_ready(metrics)
       start = time.perf_counter()
-      state, metrics = step(state, batch)
+      compiled = step.lower(state, batch).compile()
+      record['compile_s'] = time.perf_counter() - start
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
-      return time.perf_counter() - start
+      record['step_s'] = time.perf_counter() - start  # first run: not warm
+      record['loss'] = float(metrics['loss'])
   except Exception as e:  # pylint: disable=broad-except
     if not any(s in str(e) for s in OUT_OF_MEMORY):
       raise
-    return None
   finally:
     state = batch = metrics = None
     jax.clear_caches()
     gc.collect()
+  record['peak_gib'] = peak_bytes()[0] / 2**30
+  print(json.dumps(record), file=sys.stderr, flush=True)
+  return record
 
 
-def search(config_path, variant, resolution, max_tokens):
-  """Trials [(tokens, seconds or None)] ending in the longest that fits."""
+def search(config_path, variant, resolution, max_tokens, max_trials):
+  """Trials ending in the longest T on the grid of n * resolution that fits."""
   n = jax.device_count()
+  grid = n * resolution
   trials = []
 
   def fits(tokens):
-    seconds = step_seconds(config_path, variant, tokens)
-    trials.append(dict(tokens=tokens, step_s=seconds))
-    print(json.dumps(trials[-1]), file=sys.stderr, flush=True)
-    return seconds is not None
+    trials.append(trial(config_path, variant, tokens))
+    return trials[-1]['step_s'] is not None
 
-  good, bad = 0, None
-  tokens = n * resolution
-  while tokens <= max_tokens and fits(tokens):
-    good, tokens = tokens, 2 * tokens
-  if tokens <= max_tokens:
-    bad = tokens
-    while bad - good > resolution * n:
-      # Midpoints on a grid of n * resolution keep T divisible by 2n.
-      mid = (good + bad) // (2 * resolution * n) * resolution * n
-      if fits(mid):
-        good = mid
-      else:
-        bad = mid
+  # Peak memory is affine in T (activations per token are fixed; the loss
+  # and the ring work on fixed-size pieces): two points give the line.
+  small, large = 2 * grid, 4 * grid
+  if not (fits(small) and fits(large)):
+    good = small if trials[0]['step_s'] is not None else 0
+    return dict(gpus=n, device=jax.devices()[0].device_kind, longest=good,
+                first_failure=trials[-1]['tokens'], predicted=None,
+                trials=trials)
+  per_token = ((trials[1]['peak_gib'] - trials[0]['peak_gib'])
+               / (large - small))
+  limit = peak_bytes()[1] / 2**30
+  # No memory statistics (CPU dry runs): walk up the grid instead.
+  predicted = (large + (limit - trials[1]['peak_gib']) / per_token
+               if per_token > 0 and limit else large + grid)
+  tokens = min(max(int(predicted) // grid * grid, large), max_tokens)
+  good, bad = large, None
+  while len(trials) < max_trials and tokens <= max_tokens:
+    if fits(tokens):
+      good = tokens
+      if bad is not None and bad - good <= grid:
+        break
+      tokens += grid
+    else:
+      bad = tokens
+      if bad - good <= grid:
+        break
+      tokens -= grid
   return dict(gpus=n, device=jax.devices()[0].device_kind, longest=good,
-              first_failure=bad, trials=trials)
+              first_failure=bad, predicted=int(predicted),
+              gib_per_1k_tokens=per_token * 1024, limit_gib=limit,
+              trials=trials)
+
+
+def _packed(counts):
+  """GPU counts in groups that share the largest count's GPUs, in order."""
+  groups = []
+  for n in counts:
+    if groups and sum(groups[-1]) + n <= max(counts):
+      groups[-1].append(n)
+    else:
+      groups.append([n])
+  return groups
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='configs/owt/gpt3_1.3b.py')
   parser.add_argument('--gpus', default='1,2,4')
-  parser.add_argument('--variants', default='remat=full',
+  parser.add_argument('--variants', default='remat=none',
                       help='key=value[;key=value] config overrides')
-  parser.add_argument('--resolution', type=int, default=8192,
+  parser.add_argument('--resolution', type=int, default=4096,
                       help='tokens per GPU the answer is rounded to')
   parser.add_argument('--max_tokens', type=int, default=1 << 24)
+  parser.add_argument('--max_trials', type=int, default=8,
+                      help='trials (compiles) per GPU count, at most')
+  parser.add_argument('--concurrent', action='store_true',
+                      help='search smaller GPU counts side by side on '
+                      'disjoint GPUs (1 and 2 together, then 4)')
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results'))
   args = parser.parse_args()
   if args.child:  # one GPU count: print the search as one JSON line
     print(json.dumps(search(args.config, args.variants, args.resolution,
-                            args.max_tokens)))
+                            args.max_tokens, args.max_trials)))
     return
+  counts = [int(x) for x in args.gpus.split(',')]
   results = []
-  for n in map(int, args.gpus.split(',')):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=','.join(map(str, range(n))),
-               JAX_NUM_CPU_DEVICES=str(n))
-    child = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--child'],
-        env=env, stdout=subprocess.PIPE, text=True, check=True)
-    results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+  for group in (_packed(counts) if args.concurrent else [[n] for n in counts]):
+    children, first = [], 0
+    for n in group:
+      env = dict(os.environ, CUDA_VISIBLE_DEVICES=','.join(
+          map(str, range(first, first + n))), JAX_NUM_CPU_DEVICES=str(n))
+      env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', MEM_FRACTION)
+      first += n
+      children.append(subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+           '--child'], env=env, stdout=subprocess.PIPE, text=True))
+    for child in children:
+      out, _ = child.communicate()
+      if child.returncode:
+        sys.exit(f'a search child failed (exit {child.returncode})')
+      results.append(json.loads(out.strip().splitlines()[-1]))
   one = next((r['longest'] for r in results if r['gpus'] == 1), None)
   # The children own the GPUs: this process never starts JAX's backend.
   kind = results[0]['device']
   result = dict(device=kind, date=datetime.datetime.now().isoformat(),
                 jax=jax.__version__, config=args.config,
                 variant=args.variants, resolution=args.resolution,
-                max_tokens=args.max_tokens,
+                max_tokens=args.max_tokens, concurrent=args.concurrent,
+                mem_fraction=os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION',
+                                            MEM_FRACTION),
                 xla_flags=os.environ.get('XLA_FLAGS', ''), results=results)
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out,

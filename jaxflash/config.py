@@ -191,8 +191,9 @@ def validate(config, num_devices):
          'model.loss_chunks',
          f'{m.loss_chunks} x mesh.seq={config.mesh.seq} must divide '
          f'data.seq_len={config.data.seq_len}')
-  _check(m.d_model % mesh.fsdp == 0, 'mesh.fsdp',
-         f'{mesh.fsdp} does not divide model.d_model={m.d_model}')
+  _check(m.d_model % (mesh.fsdp * mesh.seq) == 0, 'mesh.fsdp',
+         f'fsdp={mesh.fsdp} x seq={mesh.seq} (parameters are sharded over '
+         f'both) does not divide model.d_model={m.d_model}')
   for key in ('n_head', 'vocab_size'):
     _check(m[key] % mesh.tensor == 0, 'mesh.tensor',
            f'{mesh.tensor} does not divide model.{key}={m[key]}')

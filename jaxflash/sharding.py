@@ -3,7 +3,11 @@
 Mesh axes: 'data' (replicas), 'fsdp' (parameters and optimizer state sharded,
 ZeRO-3 style), 'seq' (ring attention over the sequence), 'tensor' (heads and
 MLP features split). Each parameter names its logical axes; RULES map logical
-axes to mesh axes. The batch is split over data x fsdp.
+axes to mesh axes. The batch is split over data x fsdp. The devices of a
+sequence-parallel group hold the same parameters, so they shard them too
+(fsdp x seq): otherwise every GPU of a long-context run keeps a whole copy of
+the weights and Adam's moments, and the longest trainable sequence grows less
+than the number of GPUs.
 """
 import jax
 import optax
@@ -29,7 +33,7 @@ PARAM_AXES = {
     ('bias',): ('embed',),
 }
 # Logical axis -> mesh axis.
-RULES = {'embed': 'fsdp', 'vocab': 'tensor', 'heads': 'tensor',
+RULES = {'embed': ('fsdp', 'seq'), 'vocab': 'tensor', 'heads': 'tensor',
          'mlp': 'tensor'}
 
 

@@ -23,29 +23,31 @@ def tiny_config(**mesh):
 
 
 def test_rules_place_every_parameter_and_its_moments():
-  config = tiny_config(fsdp=2, tensor=2)
+  config = tiny_config(fsdp=2, seq=2, tensor=2)
   cfg = trainer.model_config(config)
   tx = optimizer_lib.make_optimizer(config.optimizer, 10)
   abstract = jax.eval_shape(lambda: trainer.init_state(
       config, nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param), tx))
   mesh = sharding.make_mesh(config.mesh, 8)
-  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'seq': 1, 'tensor': 2}
+  assert dict(mesh.shape) == {'data': 1, 'fsdp': 2, 'seq': 2, 'tensor': 2}
   shardings = sharding.state_shardings(mesh, abstract, tx)
   params = nnx.to_pure_dict(shardings['params'])
+  # A sequence-parallel group shares its parameters, so it shards them too.
+  embed = ('fsdp', 'seq')
   specs = {
-      ('wte', 'embedding'): P('tensor', 'fsdp'),
-      ('wpe', 'embedding'): P(None, 'fsdp'),
-      ('ln_f', 'scale'): P('fsdp'),
+      ('wte', 'embedding'): P('tensor', embed),
+      ('wpe', 'embedding'): P(None, embed),
+      ('ln_f', 'scale'): P(embed),
   }
   for (module, name), spec in specs.items():
     assert params[module][name].spec == spec
   block = params['blocks'][1]
-  assert block['qkv']['kernel'].spec == P('fsdp', 'tensor')
+  assert block['qkv']['kernel'].spec == P(embed, 'tensor')
   assert block['qkv']['bias'].spec == P('tensor')
-  assert block['attn_out']['kernel'].spec == P('tensor', 'fsdp')
-  assert block['fc']['kernel'].spec == P('fsdp', 'tensor')
-  assert block['fc_out']['kernel'].spec == P('tensor', 'fsdp')
-  assert block['ln_2']['bias'].spec == P('fsdp')
+  assert block['attn_out']['kernel'].spec == P('tensor', embed)
+  assert block['fc']['kernel'].spec == P(embed, 'tensor')
+  assert block['fc_out']['kernel'].spec == P('tensor', embed)
+  assert block['ln_2']['bias'].spec == P(embed)
   # Every parameter got a rule; Adam's moments sit where their parameter is.
   param_specs = [s.spec for s in jax.tree.leaves(shardings['params'])]
   assert len(param_specs) == len(jax.tree.leaves(abstract['params']))
@@ -75,6 +77,6 @@ def test_training_is_the_same_on_every_mesh(tmp_path):
   for losses in (fsdp, mixed, seq):
     assert losses == pytest.approx(base, rel=2e-5)
   kernel = state['params']['blocks'][0]['fc']['kernel']
-  assert kernel.sharding.spec == P('fsdp', 'tensor')
+  assert kernel.sharding.spec == P(('fsdp', 'seq'), 'tensor')
   # Each device holds a quarter of an fsdp=4 parameter.
   assert kernel.addressable_shards[0].data.shape == (8, 128)
