@@ -1,4 +1,11 @@
-"""FlashAttention-2 in Pallas (Triton lowering): public API.
+"""FlashAttention-2 in Pallas: public API over two backends.
+
+backend='triton': the Pallas Triton kernels (flash_triton*.py), any GPU, any
+shape check_qkv accepts. backend='mosaic': the Hopper kernels in Pallas Mosaic
+GPU (flash_mosaic*.py), warp-specialized with TMA and wgmma; narrower shapes
+(flash_mosaic.unsupported). backend='auto': mosaic on a compute capability 9.x
+GPU for the shapes it supports, triton otherwise; forward and backward choose
+separately (each backward takes any forward's o and lse).
 
 flash_attention is differentiable (jax.custom_vjp, also through lse).
 flash_attention_fwd / flash_attention_bwd run one forward or backward on their
@@ -7,7 +14,8 @@ ones of a query chunk against one K/V chunk.
 Layout as jax.nn.dot_product_attention: q [batch, seq_q, heads, head_dim],
 k/v [batch, seq_kv, kv_heads, head_dim]; lse float32 [batch, heads, seq_q].
 interpret=True runs the kernels on CPU (Pallas interpret mode, which also
-starts every output as NaN, so a tile left unwritten shows up in tests).
+starts every output as NaN, so a tile left unwritten shows up in tests; with
+backend='mosaic', Mosaic GPU's interpret mode).
 """
 import functools
 
@@ -15,6 +23,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from kernels import flash_mosaic
 from kernels import flash_triton
 from kernels import flash_triton_vjp
 from kernels.flash_triton import BlockSizes
@@ -25,6 +34,10 @@ MAX_HEAD_DIM = 256
 # them so a rematerialized layer never re-runs the attention forward.
 RESIDUAL_NAMES = ('attention_out', 'attention_lse')
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+BACKENDS = ('triton', 'mosaic', 'auto')
+# 'triton' until the Mosaic kernels have passed their GPU tests
+# (tests/test_flash_mosaic.py, marked gpu); then 'auto'.
+DEFAULT_BACKEND = 'triton'
 
 
 def check_qkv(q, k, v):
@@ -92,11 +105,40 @@ def _check_block_sizes(block_sizes, q, k, causal):
   return block_sizes
 
 
+def _on_hopper():
+  device = jax.devices()[0]
+  return (device.platform == 'gpu' and
+          str(getattr(device, 'compute_capability', '')).startswith('9.'))
+
+
+def _choose_backends(backend, q, k, has_segments, block_sizes):
+  """(forward, backward) backend names, each 'triton' or 'mosaic'. The
+  backward is Triton's for now: it takes any forward's o and lse."""
+  if backend not in BACKENDS:
+    raise ValueError(f'backend: expected one of {BACKENDS}, got {backend!r}')
+  if backend == 'triton':
+    return 'triton', 'triton'
+  reason = flash_mosaic.unsupported(q, k, has_segments=has_segments)
+  if backend == 'mosaic':
+    if block_sizes is not None:
+      raise ValueError("block_sizes: Triton tiles; backend='mosaic' picks its"
+                       ' own')
+    if reason is not None:
+      raise ValueError(f"backend='mosaic' {reason}; use backend='triton' or "
+                       "'auto'")
+    return 'mosaic', 'triton'
+  # auto: tiles given for the Triton kernels mean the Triton kernels.
+  use_mosaic = reason is None and block_sizes is None and _on_hopper()
+  return 'mosaic' if use_mosaic else 'triton', 'triton'
+
+
 def _config(q, k, v, segment_ids, *, causal, sm_scale, interpret,
-            block_sizes):
+            block_sizes, backend):
   """Validates everything from shapes, before anything compiles."""
   check_qkv(q, k, v)
   segments = _check_segments(segment_ids, q, k)
+  backends = _choose_backends(backend, q, k, segments[0] is not None,
+                              block_sizes)
   head_dim = q.shape[-1]
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
@@ -105,46 +147,53 @@ def _config(q, k, v, segment_ids, *, causal, sm_scale, interpret,
                      f'{sm_scale!r}')
   config = dict(causal=bool(causal), sm_scale=float(sm_scale),
                 interpret=bool(interpret),
-                block_sizes=_check_block_sizes(block_sizes, q, k, causal))
+                block_sizes=_check_block_sizes(block_sizes, q, k, causal),
+                backends=backends)
   return segments, config
 
 
-@functools.partial(jax.jit, static_argnames=('causal', 'sm_scale',
-                                             'interpret', 'block_sizes'))
-def _fwd(q, k, v, q_seg, kv_seg, **config):
-  return flash_triton.flash_fwd(q, k, v, q_seg, kv_seg, **config)
+_STATIC = ('causal', 'sm_scale', 'interpret', 'block_sizes', 'backends')
 
 
-@functools.partial(jax.jit, static_argnames=('causal', 'sm_scale',
-                                             'interpret', 'block_sizes'))
-def _bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg, **config):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _fwd(q, k, v, q_seg, kv_seg, *, backends, block_sizes, **config):
+  if backends[0] == 'mosaic':
+    return flash_mosaic.flash_fwd(q, k, v, **config)
+  return flash_triton.flash_fwd(q, k, v, q_seg, kv_seg,
+                                block_sizes=block_sizes, **config)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg, *, backends, block_sizes,
+         **config):
+  del backends
   return flash_triton_vjp.flash_bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg,
-                                    **config)
+                                    block_sizes=block_sizes, **config)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _attention(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-               block_sizes):
+               block_sizes, backends):
   return _fwd(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale,
-              interpret=interpret, block_sizes=block_sizes)
+              interpret=interpret, block_sizes=block_sizes, backends=backends)
 
 
 def _attention_fwd(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-                   block_sizes):
+                   block_sizes, backends):
   o, lse = _attention(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-                      block_sizes)
+                      block_sizes, backends)
   o, lse = (checkpoint_name(x, name) for x, name in zip((o, lse),
                                                          RESIDUAL_NAMES))
   return (o, lse), (q, k, v, q_seg, kv_seg, o, lse)
 
 
-def _attention_bwd(causal, sm_scale, interpret, block_sizes, residuals,
-                   cotangents):
+def _attention_bwd(causal, sm_scale, interpret, block_sizes, backends,
+                   residuals, cotangents):
   q, k, v, q_seg, kv_seg, o, lse = residuals
   do, dlse = cotangents
   dq, dk, dv = _bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg, causal=causal,
                     sm_scale=sm_scale, interpret=interpret,
-                    block_sizes=block_sizes)
+                    block_sizes=block_sizes, backends=backends)
   return dq, dk, dv, None, None
 
 
@@ -152,7 +201,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None,
-                    return_lse=False, interpret=False, block_sizes=None):
+                    return_lse=False, interpret=False, block_sizes=None,
+                    backend=DEFAULT_BACKEND):
   """Softmax attention, FlashAttention-2 style; see kernels/reference.py.
 
   Args:
@@ -164,33 +214,36 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None,
       (q_segment_ids, kv_segment_ids); attention only within a segment.
     return_lse: also return lse, float32 [batch, heads, seq_q] (differentiable).
     interpret: run the kernels in Pallas interpret mode (CPU).
-    block_sizes: BlockSizes; default BlockSizes.default(head_dim, seq_kv,
-      causal).
+    block_sizes: BlockSizes of the Triton kernels; default
+      BlockSizes.default(head_dim, seq_kv, causal).
+    backend: 'triton', 'mosaic' (Hopper; ValueError naming the limit for
+      shapes it cannot run) or 'auto' (mosaic where it can run on a 9.x GPU).
 
   Returns:
     out like q, or (out, lse). Rows that see no key give out = 0, lse = -inf.
   """
   (q_seg, kv_seg), config = _config(
       q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
-      interpret=interpret, block_sizes=block_sizes)
+      interpret=interpret, block_sizes=block_sizes, backend=backend)
   o, lse = _attention(q, k, v, q_seg, kv_seg, config['causal'],
                       config['sm_scale'], config['interpret'],
-                      config['block_sizes'])
+                      config['block_sizes'], config['backends'])
   return (o, lse) if return_lse else o
 
 
 def flash_attention_fwd(q, k, v, *, causal=False, sm_scale=None,
-                        segment_ids=None, interpret=False, block_sizes=None):
+                        segment_ids=None, interpret=False, block_sizes=None,
+                        backend=DEFAULT_BACKEND):
   """The forward kernel alone: (out, lse); not differentiable."""
   (q_seg, kv_seg), config = _config(
       q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
-      interpret=interpret, block_sizes=block_sizes)
+      interpret=interpret, block_sizes=block_sizes, backend=backend)
   return _fwd(q, k, v, q_seg, kv_seg, **config)
 
 
 def flash_attention_bwd(q, k, v, o, lse, do, *, dlse=None, causal=False,
                         sm_scale=None, segment_ids=None, interpret=False,
-                        block_sizes=None):
+                        block_sizes=None, backend=DEFAULT_BACKEND):
   """The backward kernels alone: (dq, dk, dv) of attention(q, k, v).
 
   o, lse and do may be the global ones of a query chunk (ring attention): P is
@@ -199,7 +252,7 @@ def flash_attention_bwd(q, k, v, o, lse, do, *, dlse=None, causal=False,
   """
   (q_seg, kv_seg), config = _config(
       q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
-      interpret=interpret, block_sizes=block_sizes)
+      interpret=interpret, block_sizes=block_sizes, backend=backend)
   lse_shape = (q.shape[0], q.shape[2], q.shape[1])
   for name, x, shape in (('o', o, q.shape), ('do', do, q.shape),
                          ('lse', lse, lse_shape), ('dlse', dlse, lse_shape)):

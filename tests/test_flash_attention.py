@@ -5,6 +5,7 @@ with NaN, so an unwritten tile or an unmasked read shows up as NaN; every check
 asserts no NaN. Small blocks (16/32) give many blocks and ragged tails cheaply.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,23 @@ def _loss(attention, q, k, v, do, dlse, with_lse):
   return loss, (o, lse)
 
 
+def check_with_grads(ours, q, k, v, do, dlse, *, with_lse, tol, lse_tol,
+                     **kwargs):
+  """ours(q, k, v, **kwargs) against the reference: out, lse, and dq, dk, dv
+  of sum(out * do) (+ sum(lse * dlse) if with_lse)."""
+  results = []
+  for attention in (ours, reference_attention):
+    attention = functools.partial(attention, return_lse=True, **kwargs)
+    grad_fn = jax.value_and_grad(_loss, argnums=(1, 2, 3), has_aux=True)
+    results.append(jax.jit(grad_fn, static_argnums=(0, 6))(
+        attention, q, k, v, do, dlse, with_lse))
+  ((_, (o, lse)), grads), ((_, (o_ref, lse_ref)), grads_ref) = results
+  _check('out', o, o_ref, tol)
+  _check('lse', lse, lse_ref, lse_tol)
+  for name, g, g_ref in zip(('dq', 'dk', 'dv'), grads, grads_ref):
+    _check(name, g, g_ref, tol)
+
+
 @pytest.mark.parametrize('case', CASES, ids=str)
 def test_matches_reference(case):
   key = jax.random.fold_in(jax.random.PRNGKey(0), hash(str(case)) % 2**31)
@@ -140,26 +158,10 @@ def test_matches_reference(case):
   # The lse cotangent is checked where every row sees some key (elsewhere
   # lse = -inf and its gradient is not defined).
   with_lse = not _has_empty_rows(case, segment_ids, case.seq_q, case.seq_kv)
-  kwargs = dict(causal=case.causal, segment_ids=segment_ids, return_lse=True)
-
-  def ours(q, k, v):
-    return flash_attention(q, k, v, interpret=True, block_sizes=SMALL,
-                           **kwargs)
-
-  def ref(q, k, v):
-    return reference_attention(q, k, v, **kwargs)
-
-  results = []
-  for attention in (ours, ref):
-    grad_fn = jax.value_and_grad(_loss, argnums=(1, 2, 3), has_aux=True)
-    results.append(jax.jit(grad_fn, static_argnums=(0, 6))(
-        attention, q, k, v, do, dlse, with_lse))
-  ((_, (o, lse)), grads), ((_, (o_ref, lse_ref)), grads_ref) = results
-  tol = TOL[case.dtype]
-  _check('out', o, o_ref, tol)
-  _check('lse', lse, lse_ref, 1e-5)
-  for name, g, g_ref in zip(('dq', 'dk', 'dv'), grads, grads_ref):
-    _check(name, g, g_ref, tol)
+  ours = functools.partial(flash_attention, interpret=True, block_sizes=SMALL)
+  check_with_grads(ours, q, k, v, do, dlse, with_lse=with_lse,
+                   tol=TOL[case.dtype], lse_tol=1e-5, causal=case.causal,
+                   segment_ids=segment_ids)
 
 
 def test_bwd_piece_matches_reference_vjp():
@@ -277,15 +279,7 @@ def test_bad_input_bwd_lse_shape():
                                        segments='one')], ids=str)
 def test_gpu_matches_reference(case):
   q, k, v, do, dlse, segment_ids = _inputs(case, jax.random.PRNGKey(3))
-  kwargs = dict(causal=case.causal, segment_ids=segment_ids, return_lse=True)
   with_lse = not _has_empty_rows(case, segment_ids, case.seq_q, case.seq_kv)
-  results = []
-  for attention in (lambda q, k, v: flash_attention(q, k, v, **kwargs),
-                    lambda q, k, v: reference_attention(q, k, v, **kwargs)):
-    grad_fn = jax.value_and_grad(_loss, argnums=(1, 2, 3), has_aux=True)
-    results.append(grad_fn(attention, q, k, v, do, dlse, with_lse))
-  ((_, (o, lse)), grads), ((_, (o_ref, lse_ref)), grads_ref) = results
-  _check('out', o, o_ref, TOL[case.dtype])
-  _check('lse', lse, lse_ref, 1e-4)
-  for name, g, g_ref in zip(('dq', 'dk', 'dv'), grads, grads_ref):
-    _check(name, g, g_ref, TOL[case.dtype])
+  check_with_grads(flash_attention, q, k, v, do, dlse, with_lse=with_lse,
+                   tol=TOL[case.dtype], lse_tol=1e-4, causal=case.causal,
+                   segment_ids=segment_ids)

@@ -1,0 +1,323 @@
+"""FlashAttention forward for Hopper (sm_90) in Pallas Mosaic GPU, and the
+pieces that the backward in flash_mosaic_vjp.py shares.
+
+One CTA per (128 query rows, head, batch row), three warpgroups:
+  - warpgroups 0 and 1 (consumers) each own 64 query rows (wgmma's M), run
+    S = Q K^T and O += P V on the tensor cores with wgmma and the online
+    softmax in registers;
+  - warpgroup 2 (producer) streams K and V tiles with TMA into a ring of
+    `num_stages` shared-memory slots and gives most of its registers to the
+    consumers (set_max_registers).
+Slots are handed over with mbarriers: k_ready/v_ready (TMA completion) and
+k_free/v_free (both consumers have read the slot). Scores live in the log2
+domain (s * sm_scale * log2 e, one FMA + exp2 per score).
+
+Limits (unsupported() names them): bfloat16/float16, head_dim 64/80/96/128
+(native: the smem tiles take the largest swizzle that divides the row, so no
+padding), seq_q a multiple of 128, seq_kv a multiple of the key block, no
+segment_ids.
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+NEG_INF = float('-inf')
+
+ROWS_WG = 64  # wgmma's M: query (or key) rows per consumer warpgroup
+NUM_CONSUMERS = 2
+BLOCK_Q = ROWS_WG * NUM_CONSUMERS
+HEAD_DIMS = (64, 80, 96, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+# Registers per thread after reallocation: 2 x 128 consumer threads x 240
+# + 128 producer threads x 24 <= 64K, the register file.
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """block_k keys per pipeline step; num_stages K/V slots in shared memory."""
+  block_k: int = 128
+  num_stages: int = 2
+
+  @classmethod
+  def default(cls, head_dim):
+    # Shared memory (bf16): Q/O 128 x d, plus stages x 2 x block_k x d for
+    # K and V: d128 with 3 stages would need 224 KiB of the 227.
+    return cls(block_k=128, num_stages=3 if head_dim <= 64 else 2)
+
+
+def unsupported(q, k, *, has_segments, block_k=MosaicConfig.block_k):
+  """Why the Mosaic kernels cannot run these inputs, or None if they can.
+
+  q, k: arrays or ShapeDtypeStructs that already passed check_qkv.
+  """
+  seq_q, head_dim = q.shape[1], q.shape[3]
+  seq_kv = k.shape[1]
+  if q.dtype not in DTYPES:
+    return f'needs bfloat16 or float16 inputs, got {q.dtype}'
+  if head_dim not in HEAD_DIMS:
+    return f'needs head_dim in {HEAD_DIMS}, got {head_dim}'
+  if seq_q % BLOCK_Q:
+    return f'needs seq_q a multiple of {BLOCK_Q}, got {seq_q}'
+  if seq_kv % block_k:
+    return f'needs seq_kv a multiple of {block_k}, got {seq_kv}'
+  if has_segments:
+    return 'does not support segment_ids'
+  return None
+
+
+def tile_transforms(minor, dtype):
+  """Tiling + swizzle for a shared-memory tile whose rows hold `minor`
+  elements: the widest swizzle dividing the row (128 B for d 64/128, 64 B for
+  d96, 32 B for d80), as TMA and wgmma need the row split into swizzle-wide
+  column tiles."""
+  bits = jnp.dtype(dtype).itemsize * 8
+  swizzle = plgpu.find_swizzle(minor * bits, 'attention tile')
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def smem(shape, dtype):
+  return plgpu.SMEM(shape, dtype, transforms=tile_transforms(shape[-1], dtype))
+
+
+def mma(a, b, shape):
+  """a @ b on the tensor cores (wgmma) into a fresh float32 accumulator.
+
+  a: smem ref, or registers in the WGMMA layout; b: smem ref (maybe a
+  transposed view). Waits for the result.
+  """
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def wgmma_full(shape, value):
+  return plgpu.layout_cast(jnp.full(shape, value, jnp.float32),
+                           plgpu.Layout.WGMMA)
+
+
+def wgmma_rows(rows, value):
+  """A [rows] vector in the layout of a WGMMA tile's row reductions."""
+  return plgpu.layout_cast(jnp.full((rows,), value, jnp.float32),
+                           plgpu.Layout.WGMMA.reduce(1))
+
+
+def wgmma_iota(shape, dim):
+  return plgpu.broadcasted_iota(jnp.int32, shape, dim,
+                                layout=plgpu.Layout.WGMMA)
+
+
+def rows_col(x, shape):
+  """[rows] -> [rows, cols]."""
+  return lax.broadcast_in_dim(x, shape, (0,))
+
+
+def interpret_params(interpret):
+  """True, or InterpretGPUParams (e.g. detect_races=True): Mosaic GPU
+  interpret mode on CPU."""
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  return plgpu.InterpretGPUParams() if interpret else None
+
+
+def kv_steps(q_start, rows, block_k, seq_kv, causal_offset):
+  """(unmasked, total) key blocks for query rows [q_start, q_start + rows):
+  blocks past the causal diagonal are never visited; the first `unmasked`
+  ones are fully visible to every row."""
+  num_k = seq_kv // block_k
+  if causal_offset is None:
+    return num_k, num_k
+  last = q_start + rows + causal_offset  # keys < last are visible to some row
+  total = jnp.clip(lax.div(jnp.maximum(last, 0) + block_k - 1, block_k),
+                   0, num_k)
+  first = q_start + causal_offset + 1  # keys < first are visible to all rows
+  unmasked = jnp.clip(lax.div(jnp.maximum(first, 0), block_k), 0, total)
+  return unmasked, total
+
+
+def produce(groups, steps, num_stages):
+  """The producer warpgroup's loop: for each step, refill slot step % stages.
+
+  groups: [(free, [(load, ready), ...])]: the loads wait for the consumers to
+  arrive on free[slot]; load(step, slot, ready[slot]) issues one TMA copy.
+  Ends by waiting for the last frees too, so every barrier completion is
+  observed (mbarrier phases stay in step; the interpreter checks this).
+  """
+  def issue(i, wait):
+    slot = lax.rem(i, num_stages)
+    for free, loads in groups:
+      if wait:
+        plgpu.barrier_wait(free.at[slot])
+      for load, ready in loads:
+        load(i, slot, ready.at[slot])
+
+  for i in range(num_stages):
+    pl.when(i < steps)(functools.partial(issue, jnp.int32(i), False))
+
+  @pl.loop(num_stages, jnp.maximum(steps, num_stages))
+  def _(i):
+    issue(i, True)
+
+  @pl.loop(jnp.maximum(steps - num_stages, 0), steps)
+  def _(i):
+    for free, _ in groups:
+      plgpu.barrier_wait(free.at[lax.rem(i, num_stages)])
+
+
+def tma_loader(src_ref, dst_smem, index):
+  """load(step, slot, barrier) for produce(): the tile src_ref.at[index(step)]
+  into dst_smem[slot]."""
+  def load(step, slot, barrier):
+    plgpu.copy_gmem_to_smem(src_ref.at[index(step)], dst_smem.at[slot],
+                            barrier)
+  return load
+
+
+def stage_lhs(x, stage_ref):
+  """wgmma's A operand: registers on the GPU; in interpret mode (stage_ref
+  given) through shared memory, which is all the interpreter's wgmma reads."""
+  if stage_ref is None:
+    return x
+  stage_ref[...] = x
+  plgpu.commit_smem()
+  return stage_ref
+
+
+def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
+                  o_ref, lse_ref, *, wg, b, h, q_start, steps, sm_scale,
+                  causal_offset, block_k, num_stages):
+  q_bar, k_ready, v_ready, k_free, v_free = bars
+  p_smem = None if p_smem is None else p_smem.at[wg]
+  head_dim = q_ref.shape[-1]
+  dtype = q_ref.dtype
+  scale = sm_scale * LOG2E
+  rows = q_start + wg * ROWS_WG
+  q_smem = qo_smem.at[wg]
+  plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(rows, ROWS_WG), h], q_smem,
+                          q_bar.at[wg])
+  plgpu.barrier_wait(q_bar.at[wg])
+  s_shape = (ROWS_WG, block_k)
+  q_pos = rows + wgmma_iota(s_shape, 0)
+
+  def body(masked, j, carry):
+    acc, m, l = carry
+    slot = lax.rem(j, num_stages)
+    plgpu.barrier_wait(k_ready.at[slot])
+    s = mma(q_smem, k_smem.at[slot].T, s_shape)
+    plgpu.barrier_arrive(k_free.at[slot])
+    if masked:
+      k_pos = j * block_k + wgmma_iota(s_shape, 1)
+      s = jnp.where(k_pos <= q_pos + causal_offset, s, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
+    # A row that has seen no key yet keeps m = -inf: exponents must not be NaN.
+    m_use = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
+    p = jnp.exp2(s * scale - rows_col(m_use, s_shape))
+    alpha = jnp.exp2(m - m_use)
+    l = l * alpha + jnp.sum(p, axis=1)
+    p = stage_lhs(p.astype(dtype), p_smem)
+    plgpu.barrier_wait(v_ready.at[slot])
+    pv = mma(p, v_smem.at[slot], (ROWS_WG, head_dim))
+    plgpu.barrier_arrive(v_free.at[slot])
+    acc = acc * rows_col(alpha, acc.shape) + pv
+    return acc, m_new, l
+
+  carry = (wgmma_full((ROWS_WG, head_dim), 0.0), wgmma_rows(ROWS_WG, NEG_INF),
+           wgmma_rows(ROWS_WG, 0.0))
+  unmasked, total = steps
+  carry = lax.fori_loop(0, unmasked, functools.partial(body, False), carry)
+  if causal_offset is not None:
+    carry = lax.fori_loop(unmasked, total, functools.partial(body, True),
+                          carry)
+  acc, m, l = carry
+  # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  q_smem[...] = (acc * rows_col(1.0 / l_safe, acc.shape)).astype(dtype)
+  lse_smem.at[wg][...] = jnp.where(empty, NEG_INF, m * LN2 + jnp.log(l_safe))
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(rows, ROWS_WG), h])
+  plgpu.copy_smem_to_gmem(lse_smem.at[wg],
+                          lse_ref.at[b, h, pl.ds(rows, ROWS_WG)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem,
+                p_smem, lse_smem, q_bar, k_ready, v_ready, k_free, v_free, *,
+                sm_scale, causal, group, config):
+  seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
+  block_k, num_stages = config.block_k, config.num_stages
+  causal_offset = seq_kv - seq_q if causal else None
+  h, b = lax.axis_index('h'), lax.axis_index('b')
+  i = lax.axis_index('q')
+  if causal:  # the longest rows first: the diagonal's tail runs in the shade
+    i = seq_q // BLOCK_Q - 1 - i
+  q_start = i * BLOCK_Q
+  steps = kv_steps(q_start, BLOCK_Q, block_k, seq_kv, causal_offset)
+  wg = lax.axis_index('wg')
+
+  @pl.when(wg < NUM_CONSUMERS)
+  def _():
+    plgpu.set_max_registers(CONSUMER_REGS, action='increase')
+    _fwd_consumer(
+        q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem,
+        (q_bar, k_ready, v_ready, k_free, v_free), o_ref, lse_ref, wg=wg, b=b,
+        h=h, q_start=q_start, steps=steps, sm_scale=sm_scale,
+        causal_offset=causal_offset, block_k=block_k, num_stages=num_stages)
+
+  @pl.when(wg == NUM_CONSUMERS)
+  def _():
+    plgpu.set_max_registers(PRODUCER_REGS, action='decrease')
+    kv_h = lax.div(h, group)
+    index = lambda step: (b, pl.ds(step * block_k, block_k), kv_h)
+    produce([(k_free, [(tma_loader(k_ref, k_smem, index), k_ready)]),
+             (v_free, [(tma_loader(v_ref, v_smem, index), v_ready)])],
+            steps[1], num_stages)
+
+
+def flash_fwd(q, k, v, *, sm_scale, causal, interpret, config=None):
+  """(o [b, s_q, h, d], lse float32 [b, h, s_q]); inputs validated and
+  unsupported() is None. interpret=True: Mosaic GPU interpret mode (CPU)."""
+  batch, seq_q, heads, head_dim = q.shape
+  group = heads // k.shape[2]
+  config = config or MosaicConfig.default(head_dim)
+  stages, block_k = config.num_stages, config.block_k
+  rows_tile = (NUM_CONSUMERS, ROWS_WG, head_dim)
+  kv_tile = (stages, block_k, head_dim)
+  consumers = plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages)
+  scratch = [
+      smem(rows_tile, q.dtype),  # Q, then O
+      smem(kv_tile, q.dtype), smem(kv_tile, q.dtype),
+      # The interpreter's wgmma reads A only from shared memory; on the GPU,
+      # P goes from registers.
+      (smem((NUM_CONSUMERS, ROWS_WG, block_k), q.dtype)
+       if interpret_params(interpret) else None),
+      plgpu.SMEM((NUM_CONSUMERS, ROWS_WG), jnp.float32),
+      plgpu.Barrier(num_barriers=NUM_CONSUMERS),
+      plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+      consumers, consumers,
+  ]
+  kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal,
+                             group=group, config=config)
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)),
+      scratch_types=scratch,
+      grid=(heads, seq_q // BLOCK_Q, batch),
+      grid_names=('h', 'q', 'b'),
+      num_threads=NUM_CONSUMERS + 1,
+      thread_name='wg',
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret_params(interpret),
+  )(q, k, v)
