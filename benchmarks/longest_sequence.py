@@ -7,12 +7,11 @@ For each GPU count n, a process that sees the first n GPUs trains one
 sequence of T tokens a step with the sequence split over all n (mesh.seq=n,
 zigzag ring attention, parameters and Adam's moments sharded over the n GPUs;
 plain flash attention on one GPU) and the model's positions sized to T.
-A trial at T compiles the step and runs it once. Two short trials measure
-peak memory; the line through them predicts the T where it reaches the
-allocator's limit, and trials step from there on a grid of n * resolution
-tokens until one fits and the next does not. A size counts only when a whole
-step (forward, backward, AdamW update) ran. Each trial is a full compile, so
-the prediction keeps the search to a handful. Writes
+A trial at T compiles the step and runs it once. From n * --start_per_gpu
+the step between trials doubles while they fit, then bisects on a grid of
+n * resolution tokens. A size counts only when a whole step (forward,
+backward, AdamW update) ran; `exact` says the next grid size failed, else
+`longest` is a lower bound (--max_trials ran out). Writes
 <out>/longest_sequence_<gpu>.json and prints the growth over one GPU.
 """
 import argparse
@@ -37,10 +36,9 @@ MEM_FRACTION = '0.95'
 
 
 def peak_bytes():
-  """The largest peak so far over this process's devices, and their limit."""
-  stats = [d.memory_stats() or {} for d in jax.local_devices()]
-  return (max(s.get('peak_bytes_in_use', 0) for s in stats),
-          min(s.get('bytes_limit', 0) for s in stats))
+  """The largest peak so far over this process's devices."""
+  return max((d.memory_stats() or {}).get('peak_bytes_in_use', 0)
+             for d in jax.local_devices())
 
 
 def trial(config_path, variant, tokens):
@@ -76,13 +74,21 @@ def trial(config_path, variant, tokens):
     state = batch = metrics = None
     jax.clear_caches()
     gc.collect()
-  record['peak_gib'] = peak_bytes()[0] / 2**30
+  record['peak_gib'] = peak_bytes() / 2**30
   print(json.dumps(record), file=sys.stderr, flush=True)
   return record
 
 
-def search(config_path, variant, resolution, max_tokens, max_trials):
-  """Trials ending in the longest T on the grid of n * resolution that fits."""
+def search(config_path, variant, resolution, max_tokens, max_trials,
+           start_per_gpu):
+  """Trials ending in the longest T on the grid of n * resolution that fits:
+  from n * start_per_gpu the step doubles while steps fit, then bisects.
+
+  Peak memory does not predict the limit: XLA rematerializes more as a
+  program nears the device's memory, so peaks sit at the limit long before
+  a step stops fitting (measured: 1.3B on one H200 peaked at 126 GiB from
+  53k to 65k tokens, and all of them ran).
+  """
   n = jax.device_count()
   grid = n * resolution
   trials = []
@@ -91,36 +97,21 @@ def search(config_path, variant, resolution, max_tokens, max_trials):
     trials.append(trial(config_path, variant, tokens))
     return trials[-1]['step_s'] is not None
 
-  # Peak memory is affine in T (activations per token are fixed; the loss
-  # and the ring work on fixed-size pieces): two points give the line.
-  small, large = 2 * grid, 4 * grid
-  if not (fits(small) and fits(large)):
-    good = small if trials[0]['step_s'] is not None else 0
-    return dict(gpus=n, device=jax.devices()[0].device_kind, longest=good,
-                first_failure=trials[-1]['tokens'], predicted=None,
-                trials=trials)
-  per_token = ((trials[1]['peak_gib'] - trials[0]['peak_gib'])
-               / (large - small))
-  limit = peak_bytes()[1] / 2**30
-  # No memory statistics (CPU dry runs): walk up the grid instead.
-  predicted = (large + (limit - trials[1]['peak_gib']) / per_token
-               if per_token > 0 and limit else large + grid)
-  tokens = min(max(int(predicted) // grid * grid, large), max_tokens)
-  good, bad = large, None
+  good, bad = 0, None
+  tokens, step = n * start_per_gpu // grid * grid, grid
   while len(trials) < max_trials and tokens <= max_tokens:
     if fits(tokens):
       good = tokens
-      if bad is not None and bad - good <= grid:
-        break
-      tokens += grid
     else:
       bad = tokens
-      if bad - good <= grid:
-        break
-      tokens -= grid
+    if bad is None:
+      tokens, step = good + step, 2 * step
+    elif bad - good <= grid:
+      break
+    else:
+      tokens = (good + bad) // (2 * grid) * grid
   return dict(gpus=n, device=jax.devices()[0].device_kind, longest=good,
-              first_failure=bad, predicted=int(predicted),
-              gib_per_1k_tokens=per_token * 1024, limit_gib=limit,
+              first_failure=bad, exact=bad is not None and bad - good <= grid,
               trials=trials)
 
 
@@ -146,6 +137,8 @@ def main():
   parser.add_argument('--max_tokens', type=int, default=1 << 24)
   parser.add_argument('--max_trials', type=int, default=8,
                       help='trials (compiles) per GPU count, at most')
+  parser.add_argument('--start_per_gpu', type=int, default=8192,
+                      help='tokens per GPU of the first trial')
   parser.add_argument('--concurrent', action='store_true',
                       help='search smaller GPU counts side by side on '
                       'disjoint GPUs (1 and 2 together, then 4)')
@@ -155,7 +148,8 @@ def main():
   args = parser.parse_args()
   if args.child:  # one GPU count: print the search as one JSON line
     print(json.dumps(search(args.config, args.variants, args.resolution,
-                            args.max_tokens, args.max_trials)))
+                            args.max_tokens, args.max_trials,
+                            args.start_per_gpu)))
     return
   counts = [int(x) for x in args.gpus.split(',')]
   results = []
