@@ -1,15 +1,17 @@
-"""Attention benchmark on one GPU: our FlashAttention-2 kernels against cuDNN
-and XLA (jax.nn.dot_product_attention) and JAX's shipped Pallas op.
+"""Attention benchmark on one GPU: our FlashAttention-2 kernels (Triton:
+'flash'; Hopper Mosaic GPU: 'mosaic') against cuDNN and XLA
+(jax.nn.dot_product_attention) and JAX's shipped Pallas op.
 
 The FlashAttention-2 paper's setting (batch x seq = 16k tokens, hidden 2048 as
 16 heads x 128 or 32 x 64, seq 512 .. 16k, causal and not) plus the seed
 model's shape (batch 4, seq 1024, 32 heads x 80). bf16, random inputs. Our
-kernel is checked against the float32 reference (one batch row, two heads) at
-each shape before timing. TFLOP/s as FA2 counts: forward 4*b*s^2*h*d, halved
+kernels are checked against the float32 reference (one batch row, two heads)
+at each shape before timing. TFLOP/s as FA2 counts: forward 4*b*s^2*h*d, halved
 when causal; forward+backward 3.5x that.
 
   python benchmarks/attention.py --quick            # a few shapes, all impls
   python benchmarks/attention.py --shapes s8192_d128,s1024_d80 --impls flash
+  python benchmarks/attention.py --quick --impls mosaic,cudnn,flash
   python benchmarks/attention.py --sweep            # our kernel's variants
 Writes <out>/attention_<gpu>.json (default benchmarks/results/).
 """
@@ -36,7 +38,8 @@ from kernels.reference import reference_attention
 warnings.filterwarnings('ignore', category=DeprecationWarning)
 
 TOKENS = 16 * 1024
-IMPLS = ('flash', 'cudnn', 'xla', 'pallas_mha')
+IMPLS = ('flash', 'mosaic', 'cudnn', 'xla', 'pallas_mha')
+OURS = ('flash', 'mosaic')  # checked against the reference before timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,9 @@ def attention_fn(impl, causal, block_sizes=None):
   if impl == 'flash':
     return lambda q, k, v: flash_attention(q, k, v, causal=causal,
                                            block_sizes=block_sizes)
+  if impl == 'mosaic':
+    return lambda q, k, v: flash_attention(q, k, v, causal=causal,
+                                           backend='mosaic')
   if impl in ('cudnn', 'xla'):
     return lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation=impl)
@@ -112,11 +118,11 @@ def rel_err(got, want):
   return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
-def check(shape, causal, block_sizes=None):
-  """Our kernel's max relative error (out, dq, dk, dv) vs the f32 reference,
-  on one batch row and two heads at the full sequence length."""
+def check(shape, causal, impl='flash', block_sizes=None):
+  """One of our kernels' max relative error (out, dq, dk, dv) vs the f32
+  reference, on one batch row and two heads at the full sequence length."""
   q, k, v, do = [x[:1, :, :2] for x in inputs(shape, jax.random.PRNGKey(1))]
-  ours = attention_fn('flash', causal, block_sizes)
+  ours = attention_fn(impl, causal, block_sizes)
   ref = lambda q, k, v: reference_attention(q, k, v, causal=causal)
   got = jax.jit(lambda *a: (ours(*a[:3]), fwd_bwd(ours)(*a)))(q, k, v, do)
   want = jax.jit(lambda *a: (ref(*a[:3]), fwd_bwd(ref)(*a)))(q, k, v, do)
@@ -202,17 +208,16 @@ def sweep(shape, causal):
   return records
 
 
-def compare(shape, causal, impls, check_flash):
-  err = check(shape, causal) if check_flash and 'flash' in impls else None
-  if err is not None:
-    print(f'{shape.name} causal={causal:d}: flash max rel err {err:.2e}',
-          flush=True)
+def compare(shape, causal, impls, check_ours):
   records = []
   for impl in impls:
     record = dict(impl=impl, b=shape.batch, s=shape.seq, h=shape.heads,
-                  d=shape.head_dim, causal=causal,
-                  rel_err=err if impl == 'flash' else None)
+                  d=shape.head_dim, causal=causal, rel_err=None)
     try:
+      if check_ours and impl in OURS:
+        record['rel_err'] = check(shape, causal, impl)
+        print(f'{shape.name} causal={causal:d}: {impl} max rel err '
+              f'{record["rel_err"]:.2e}', flush=True)
       record.update(bench_impl(impl, shape, causal))
     except Exception as e:  # pylint: disable=broad-except
       record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
@@ -253,7 +258,7 @@ def main():
   for shape in shapes:
     for causal in causals:
       records += (sweep(shape, causal) if args.sweep else
-                  compare(shape, causal, impls, check_flash=not args.no_check))
+                  compare(shape, causal, impls, check_ours=not args.no_check))
       with open(path, 'w') as f:  # after each shape: a cut-off run keeps some
         json.dump(dict(meta, records=records), f, indent=1)
   print(f'wrote {path}')

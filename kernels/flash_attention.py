@@ -4,8 +4,8 @@ backend='triton': the Pallas Triton kernels (flash_triton*.py), any GPU, any
 shape check_qkv accepts. backend='mosaic': the Hopper kernels in Pallas Mosaic
 GPU (flash_mosaic*.py), warp-specialized with TMA and wgmma; narrower shapes
 (flash_mosaic.unsupported). backend='auto': mosaic on a compute capability 9.x
-GPU for the shapes it supports, triton otherwise; forward and backward choose
-separately (each backward takes any forward's o and lse).
+GPU for the shapes it supports, triton otherwise. Either backward takes any
+forward's o and lse.
 
 flash_attention is differentiable (jax.custom_vjp, also through lse).
 flash_attention_fwd / flash_attention_bwd run one forward or backward on their
@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from kernels import flash_mosaic
+from kernels import flash_mosaic_vjp
 from kernels import flash_triton
 from kernels import flash_triton_vjp
 from kernels.flash_triton import BlockSizes
@@ -111,13 +112,13 @@ def _on_hopper():
           str(getattr(device, 'compute_capability', '')).startswith('9.'))
 
 
-def _choose_backends(backend, q, k, has_segments, block_sizes):
-  """(forward, backward) backend names, each 'triton' or 'mosaic'. The
-  backward is Triton's for now: it takes any forward's o and lse."""
+def _choose_backend(backend, q, k, has_segments, block_sizes):
+  """'triton' or 'mosaic', for the forward and the backward alike (the Mosaic
+  kernels of both directions support the same shapes)."""
   if backend not in BACKENDS:
     raise ValueError(f'backend: expected one of {BACKENDS}, got {backend!r}')
   if backend == 'triton':
-    return 'triton', 'triton'
+    return 'triton'
   reason = flash_mosaic.unsupported(q, k, has_segments=has_segments)
   if backend == 'mosaic':
     if block_sizes is not None:
@@ -126,10 +127,10 @@ def _choose_backends(backend, q, k, has_segments, block_sizes):
     if reason is not None:
       raise ValueError(f"backend='mosaic' {reason}; use backend='triton' or "
                        "'auto'")
-    return 'mosaic', 'triton'
+    return 'mosaic'
   # auto: tiles given for the Triton kernels mean the Triton kernels.
   use_mosaic = reason is None and block_sizes is None and _on_hopper()
-  return 'mosaic' if use_mosaic else 'triton', 'triton'
+  return 'mosaic' if use_mosaic else 'triton'
 
 
 def _config(q, k, v, segment_ids, *, causal, sm_scale, interpret,
@@ -137,8 +138,8 @@ def _config(q, k, v, segment_ids, *, causal, sm_scale, interpret,
   """Validates everything from shapes, before anything compiles."""
   check_qkv(q, k, v)
   segments = _check_segments(segment_ids, q, k)
-  backends = _choose_backends(backend, q, k, segments[0] is not None,
-                              block_sizes)
+  backend = _choose_backend(backend, q, k, segments[0] is not None,
+                            block_sizes)
   head_dim = q.shape[-1]
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
@@ -148,52 +149,53 @@ def _config(q, k, v, segment_ids, *, causal, sm_scale, interpret,
   config = dict(causal=bool(causal), sm_scale=float(sm_scale),
                 interpret=bool(interpret),
                 block_sizes=_check_block_sizes(block_sizes, q, k, causal),
-                backends=backends)
+                backend=backend)
   return segments, config
 
 
-_STATIC = ('causal', 'sm_scale', 'interpret', 'block_sizes', 'backends')
+_STATIC = ('causal', 'sm_scale', 'interpret', 'block_sizes', 'backend')
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _fwd(q, k, v, q_seg, kv_seg, *, backends, block_sizes, **config):
-  if backends[0] == 'mosaic':
+def _fwd(q, k, v, q_seg, kv_seg, *, backend, block_sizes, **config):
+  if backend == 'mosaic':
     return flash_mosaic.flash_fwd(q, k, v, **config)
   return flash_triton.flash_fwd(q, k, v, q_seg, kv_seg,
                                 block_sizes=block_sizes, **config)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg, *, backends, block_sizes,
+def _bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg, *, backend, block_sizes,
          **config):
-  del backends
+  if backend == 'mosaic':
+    return flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, dlse, **config)
   return flash_triton_vjp.flash_bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg,
                                     block_sizes=block_sizes, **config)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _attention(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-               block_sizes, backends):
+               block_sizes, backend):
   return _fwd(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale,
-              interpret=interpret, block_sizes=block_sizes, backends=backends)
+              interpret=interpret, block_sizes=block_sizes, backend=backend)
 
 
 def _attention_fwd(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-                   block_sizes, backends):
+                   block_sizes, backend):
   o, lse = _attention(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-                      block_sizes, backends)
+                      block_sizes, backend)
   o, lse = (checkpoint_name(x, name) for x, name in zip((o, lse),
                                                          RESIDUAL_NAMES))
   return (o, lse), (q, k, v, q_seg, kv_seg, o, lse)
 
 
-def _attention_bwd(causal, sm_scale, interpret, block_sizes, backends,
+def _attention_bwd(causal, sm_scale, interpret, block_sizes, backend,
                    residuals, cotangents):
   q, k, v, q_seg, kv_seg, o, lse = residuals
   do, dlse = cotangents
   dq, dk, dv = _bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg, causal=causal,
                     sm_scale=sm_scale, interpret=interpret,
-                    block_sizes=block_sizes, backends=backends)
+                    block_sizes=block_sizes, backend=backend)
   return dq, dk, dv, None, None
 
 
@@ -227,7 +229,7 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None,
       interpret=interpret, block_sizes=block_sizes, backend=backend)
   o, lse = _attention(q, k, v, q_seg, kv_seg, config['causal'],
                       config['sm_scale'], config['interpret'],
-                      config['block_sizes'], config['backends'])
+                      config['block_sizes'], config['backend'])
   return (o, lse) if return_lse else o
 
 

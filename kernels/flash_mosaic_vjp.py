@@ -1,0 +1,320 @@
+"""FlashAttention backward for Hopper in Pallas Mosaic GPU: delta = rowsum(dO
+* O) in XLA, then two warp-specialized kernels that recompute P = exp(s - lse)
+from the given lse:
+  - dK/dV: one CTA per 128 keys (64 per consumer warpgroup), looping over the
+    query blocks of every q head of its kv head (GQA sums in registers);
+  - dQ: one CTA per 128 query rows, looping over key blocks (the forward's
+    structure).
+Two kernels and no atomics: dQ is written once, in order, and both kernels
+run in the Mosaic GPU interpreter, which has no atomic adds. The cost is
+recomputing S and dP in the dQ kernel (7 matmuls instead of 5).
+
+Nothing here assumes lse came from the same K/V: ring attention passes the
+global lse, o and dO of a query chunk against one K/V chunk.
+"""
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import flash_mosaic as fm
+
+BLOCK_K = fm.ROWS_WG * fm.NUM_CONSUMERS  # keys per dK/dV CTA
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBwdConfig:
+  """block_q: query rows per dK/dV step; block_k: keys per dQ step;
+  num_stages: slots of each streamed tile."""
+  block_q: int = 64
+  block_k: int = 64
+  num_stages: int = 2
+
+
+def _row_stats(ref, dim, *, gmem=False):
+  """A [n] float32 vector as registers broadcastable along `dim` of a WGMMA
+  tile (dim 1: one value per row; dim 0: one per column). From GMEM, Mosaic
+  has only plain (non-vectorized) loads: once per warpgroup, that is fine."""
+  return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(dim),
+                    optimized=not gmem)
+
+
+def _load_own(wg, src, copies):
+  """A consumer's own tiles, loaded once: copies [(gmem ref, per-warpgroup
+  smem, per-warpgroup barriers)]; returns this warpgroup's smem tiles."""
+  mine = [smem_ref.at[wg] for _, smem_ref, _ in copies]
+  for (gmem_ref, _, barrier), dst in zip(copies, mine):
+    plgpu.copy_gmem_to_smem(gmem_ref.at[src], dst, barrier.at[wg])
+  for *_, barrier in copies:
+    plgpu.barrier_wait(barrier.at[wg])
+  return mine
+
+
+def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
+                   sm_scale, causal_offset, config):
+  q_ref, k_ref, v_ref, dk_ref, dv_ref = refs
+  k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, stage = smem
+  k_bar, v_bar, q_ready, do_ready, lse_ready, delta_ready, free = bars
+  head_dim, dtype = q_ref.shape[-1], q_ref.dtype
+  rows = k_start + wg * fm.ROWS_WG
+  src = (b, pl.ds(rows, fm.ROWS_WG), kv_h)
+  k_smem, v_smem = _load_own(wg, src, [(k_ref, k_smem, k_bar),
+                                       (v_ref, v_smem, v_bar)])
+  stage = None if stage is None else stage.at[wg]
+  bq, stages = config.block_q, config.num_stages
+  scale = sm_scale * fm.LOG2E
+  # Transposed tiles [keys, queries]: dK and dV come out row-major.
+  st_shape = (fm.ROWS_WG, bq)
+  k_pos = rows + fm.wgmma_iota(st_shape, 0)
+  lo, first_full, num_q = q_range
+  per_head = num_q - lo
+
+  def body(masked, g, i, carry):
+    dk, dv = carry
+    slot = lax.rem(g * per_head + i - lo, stages)
+    plgpu.barrier_wait(q_ready.at[slot])
+    s_t = fm.mma(k_smem, q_smem.at[slot].T, st_shape)
+    if masked:
+      q_pos = i * bq + fm.wgmma_iota(st_shape, 1)
+      s_t = jnp.where(k_pos <= q_pos + causal_offset, s_t, fm.NEG_INF)
+    plgpu.barrier_wait(lse_ready.at[slot])
+    # lse2 = +inf for rows that saw no key: P = 0 there.
+    lse2 = lax.broadcast_in_dim(_row_stats(lse2_smem.at[slot], 0), st_shape,
+                                (1,))
+    p_t = jnp.exp2(s_t * scale - lse2)
+    plgpu.barrier_wait(do_ready.at[slot])
+    dv = dv + fm.mma(fm.stage_lhs(p_t.astype(dtype), stage), do_smem.at[slot],
+                     (fm.ROWS_WG, head_dim))
+    dp_t = fm.mma(v_smem, do_smem.at[slot].T, st_shape)
+    plgpu.barrier_wait(delta_ready.at[slot])
+    delta = lax.broadcast_in_dim(_row_stats(delta_smem.at[slot], 0),
+                                 st_shape, (1,))
+    ds_t = p_t * (dp_t - delta)
+    dk = dk + fm.mma(fm.stage_lhs(ds_t.astype(dtype), stage), q_smem.at[slot],
+                     (fm.ROWS_WG, head_dim))
+    plgpu.barrier_arrive(free.at[slot])
+    return dk, dv
+
+  def head(g, carry):
+    if causal_offset is not None:
+      carry = lax.fori_loop(lo, first_full,
+                            functools.partial(body, True, g), carry)
+    return lax.fori_loop(first_full, num_q, functools.partial(body, False, g),
+                         carry)
+
+  zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
+  dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  k_smem[...] = (dk * sm_scale).astype(dtype)
+  v_smem[...] = dv.astype(dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[src])
+  plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[src])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _q_range(k_start, block_q, seq_q, causal_offset):
+  """(lo, first_full, num_q): query blocks [lo, num_q) see some key of the
+  CTA's BLOCK_K keys from k_start (blocks above the causal diagonal are
+  skipped); [first_full, num_q) see all of them, unmasked."""
+  num_q = seq_q // block_q
+  if causal_offset is None:
+    return 0, 0, num_q
+  lo = jnp.clip(lax.div(jnp.maximum(k_start - causal_offset, 0), block_q), 0,
+                num_q)
+  last_k = k_start + BLOCK_K - 1 - causal_offset
+  first_full = jnp.clip(
+      lax.div(jnp.maximum(last_k, 0) + block_q - 1, block_q), lo, num_q)
+  return lo, first_full, num_q
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref,
+                 dv_ref, *scratch, sm_scale, causal, group, config):
+  smem, bars = scratch[:7], scratch[7:]
+  seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
+  causal_offset = seq_kv - seq_q if causal else None
+  kv_h, b = lax.axis_index('h'), lax.axis_index('b')
+  k_start = lax.axis_index('k') * BLOCK_K
+  q_range = _q_range(k_start, config.block_q, seq_q, causal_offset)
+  wg = lax.axis_index('wg')
+
+  @pl.when(wg < fm.NUM_CONSUMERS)
+  def _():
+    plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
+    _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref), smem, bars, wg=wg,
+                   b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
+                   group=group, sm_scale=sm_scale,
+                   causal_offset=causal_offset, config=config)
+
+  @pl.when(wg == fm.NUM_CONSUMERS)
+  def _():
+    plgpu.set_max_registers(fm.PRODUCER_REGS, action='decrease')
+    _, _, q_smem, do_smem, lse2_smem, delta_smem, _ = smem
+    *_, q_ready, do_ready, lse_ready, delta_ready, free = bars
+    lo, _, num_q = q_range
+    per_head, bq = num_q - lo, config.block_q
+
+    def head_and_rows(step):
+      h = kv_h * group + lax.div(step, per_head)
+      return h, pl.ds((lo + lax.rem(step, per_head)) * bq, bq)
+
+    def tile(step):
+      h, rows = head_and_rows(step)
+      return b, rows, h
+
+    def vec(step):
+      h, rows = head_and_rows(step)
+      return b, h, rows
+
+    loads = [(fm.tma_loader(q_ref, q_smem, tile), q_ready),
+             (fm.tma_loader(lse2_ref, lse2_smem, vec), lse_ready),
+             (fm.tma_loader(do_ref, do_smem, tile), do_ready),
+             (fm.tma_loader(delta_ref, delta_smem, vec), delta_ready)]
+    fm.produce([(free, loads)], group * per_head, config.num_stages)
+
+
+def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
+                 causal_offset, block_k, num_stages):
+  q_ref, do_ref, lse2_ref, delta_ref, dq_ref = refs
+  q_smem, do_smem, k_smem, v_smem, stage = smem
+  q_bar, do_bar, k_ready, v_ready, k_free, v_free = bars
+  head_dim, dtype = q_ref.shape[-1], q_ref.dtype
+  scale = sm_scale * fm.LOG2E
+  rows = q_start + wg * fm.ROWS_WG
+  src = (b, pl.ds(rows, fm.ROWS_WG), h)
+  q_smem, do_smem = _load_own(wg, src, [(q_ref, q_smem, q_bar),
+                                        (do_ref, do_smem, do_bar)])
+  stage = None if stage is None else stage.at[wg]
+  s_shape = (fm.ROWS_WG, block_k)
+  vec = (b, h, pl.ds(rows, fm.ROWS_WG))
+  # lse2 = +inf for rows that saw no key: P = 0 there.
+  lse2 = fm.rows_col(_row_stats(lse2_ref.at[vec], 1, gmem=True), s_shape)
+  delta = fm.rows_col(_row_stats(delta_ref.at[vec], 1, gmem=True), s_shape)
+  q_pos = rows + fm.wgmma_iota(s_shape, 0)
+
+  def body(masked, j, dq):
+    slot = lax.rem(j, num_stages)
+    plgpu.barrier_wait(k_ready.at[slot])
+    s = fm.mma(q_smem, k_smem.at[slot].T, s_shape)
+    if masked:
+      k_pos = j * block_k + fm.wgmma_iota(s_shape, 1)
+      s = jnp.where(k_pos <= q_pos + causal_offset, s, fm.NEG_INF)
+    p = jnp.exp2(s * scale - lse2)
+    plgpu.barrier_wait(v_ready.at[slot])
+    dp = fm.mma(do_smem, v_smem.at[slot].T, s_shape)
+    plgpu.barrier_arrive(v_free.at[slot])
+    ds = fm.stage_lhs((p * (dp - delta)).astype(dtype), stage)
+    dq = dq + fm.mma(ds, k_smem.at[slot], (fm.ROWS_WG, head_dim))
+    plgpu.barrier_arrive(k_free.at[slot])
+    return dq
+
+  unmasked, total = steps
+  dq = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
+  dq = lax.fori_loop(0, unmasked, functools.partial(body, False), dq)
+  if causal_offset is not None:
+    dq = lax.fori_loop(unmasked, total, functools.partial(body, True), dq)
+  q_smem[...] = (dq * sm_scale).astype(dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[src])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref,
+               *scratch, sm_scale, causal, group, config):
+  smem, bars = scratch[:5], scratch[5:]
+  seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
+  block_k, num_stages = config.block_k, config.num_stages
+  causal_offset = seq_kv - seq_q if causal else None
+  h, b = lax.axis_index('h'), lax.axis_index('b')
+  i = lax.axis_index('q')
+  if causal:  # the longest rows first
+    i = seq_q // fm.BLOCK_Q - 1 - i
+  q_start = i * fm.BLOCK_Q
+  steps = fm.kv_steps(q_start, fm.BLOCK_Q, block_k, seq_kv, causal_offset)
+  wg = lax.axis_index('wg')
+
+  @pl.when(wg < fm.NUM_CONSUMERS)
+  def _():
+    plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
+    _dq_consumer((q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
+                 wg=wg, b=b, h=h, q_start=q_start, steps=steps,
+                 sm_scale=sm_scale, causal_offset=causal_offset,
+                 block_k=block_k, num_stages=num_stages)
+
+  @pl.when(wg == fm.NUM_CONSUMERS)
+  def _():
+    plgpu.set_max_registers(fm.PRODUCER_REGS, action='decrease')
+    _, _, k_smem, v_smem, _ = smem
+    *_, k_ready, v_ready, k_free, v_free = bars
+    kv_h = lax.div(h, group)
+    index = lambda step: (b, pl.ds(step * block_k, block_k), kv_h)
+    fm.produce([(k_free, [(fm.tma_loader(k_ref, k_smem, index), k_ready)]),
+                (v_free, [(fm.tma_loader(v_ref, v_smem, index), v_ready)])],
+               steps[1], num_stages)
+
+
+def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
+              config=None):
+  """(dq, dk, dv) from o and lse (the forward's, or global ones for ring
+  attention); dlse, if not None, is the cotangent of lse. Inputs validated and
+  fm.unsupported() is None."""
+  batch, seq_q, heads, head_dim = q.shape
+  seq_kv, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  config = config or MosaicBwdConfig()
+  bq, bk, stages = config.block_q, config.block_k, config.num_stages
+  dtype = q.dtype
+  # dS = P * (dP - delta) + dlse * P: the lse cotangent folds into delta.
+  delta = jnp.einsum('bqhd,bqhd->bhq', o.astype(jnp.float32),
+                     do.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - dlse.astype(jnp.float32)
+  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * fm.LOG2E)
+  interpret = fm.interpret_params(interpret)
+  wg_tile = (fm.NUM_CONSUMERS, fm.ROWS_WG, head_dim)
+  kwargs = dict(sm_scale=sm_scale, causal=causal, group=group, config=config)
+  mesh = dict(num_threads=fm.NUM_CONSUMERS + 1, thread_name='wg',
+              compiler_params=plgpu.CompilerParams(approx_math=True),
+              interpret=interpret)
+  per_wg = plgpu.Barrier(num_barriers=fm.NUM_CONSUMERS)
+  per_stage = plgpu.Barrier(num_barriers=stages)
+  freed = plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=stages)
+
+  def staging(cols):
+    # The interpreter's wgmma reads A only from smem; on the GPU, P and dS
+    # go from registers.
+    return (fm.smem((fm.NUM_CONSUMERS, fm.ROWS_WG, cols), dtype)
+            if interpret else None)
+
+  dk, dv = plgpu.kernel(
+      functools.partial(_dkdv_kernel, **kwargs),
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
+                jax.ShapeDtypeStruct(v.shape, dtype)),
+      scratch_types=[
+          fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # K, V; dK, dV
+          fm.smem((stages, bq, head_dim), dtype),  # Q
+          fm.smem((stages, bq, head_dim), dtype),  # dO
+          plgpu.SMEM((stages, bq), jnp.float32),  # lse2
+          plgpu.SMEM((stages, bq), jnp.float32),  # delta
+          staging(bq),
+          per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed],
+      grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
+      **mesh,
+  )(q, k, v, do, lse2, delta)
+
+  dq = plgpu.kernel(
+      functools.partial(_dq_kernel, **kwargs),
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=[
+          fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # Q then dQ, dO
+          fm.smem((stages, bk, head_dim), dtype),  # K
+          fm.smem((stages, bk, head_dim), dtype),  # V
+          staging(bk),
+          per_wg, per_wg, per_stage, per_stage, freed, freed],
+      grid=(heads, seq_q // fm.BLOCK_Q, batch), grid_names=('h', 'q', 'b'),
+      **mesh,
+  )(q, k, v, do, lse2, delta)
+  return dq, dk, dv
