@@ -16,7 +16,9 @@ sequence of N x T tokens, T tokens per GPU, 16 heads x 128, bf16, for:
   single       the FA2 kernel on one GPU, causal, seq T (same tokens per GPU)
 
   python benchmarks/ring.py [--tokens 8192,16384,32768] [--gpus 2,4]
-Writes <out>/ring_<gpu>.json (default benchmarks/results/).
+Writes <out>/ring_<gpu>.json (default benchmarks/results/). --profile DIR
+traces one call of the zigzag ring and records, per GPU, how much of the
+transfers' time ran under a compute kernel (benchmarks/trace_summary.py).
 """
 import argparse
 import datetime
@@ -36,6 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxflash import ring
+import trace_summary
 from jaxflash.model import REMAT_POLICIES
 from kernels import flash_attention
 # pylint: enable=g-import-not-at-top
@@ -134,6 +137,14 @@ def check_correct(mesh, n, seq):
   return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
+def traced_overlap(fn, args, trace_dir):
+  """Per GPU: collectives' busy ms, the part under compute, compute ms."""
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    jax.block_until_ready(fn(*args))
+  return [dict(comm_ms=comm, hidden_ms=hidden, compute_ms=compute)
+          for _, comm, hidden, compute in trace_summary.overlap(trace_dir)]
+
+
 def print_schedule(fn, args):
   """The compiled entry computation's order of transfers and kernels."""
   text = fn.lower(*args).compile().as_text()
@@ -153,6 +164,8 @@ def main():
   parser.add_argument('--gpus', default=None, help='ring sizes, e.g. 2,4')
   parser.add_argument('--variants', default=None,
                       help='comma list, e.g. zigzag,compute_only')
+  parser.add_argument('--profile', default=None, metavar='DIR',
+                      help='trace the zigzag ring once into DIR/<N>_<T>')
   parser.add_argument('--schedule', action='store_true',
                       help='print the compiled zigzag schedule and stop')
   parser.add_argument('--out', default=os.path.join(
@@ -216,6 +229,9 @@ def main():
         records.append(dict(variant=name, gpus=n, tokens_per_gpu=t, ms=ms,
                             tflops_per_gpu=tflops,
                             rel_err=rel_err if name == 'zigzag' else None))
+        if args.profile and name == 'zigzag':
+          records[-1]['overlap'] = traced_overlap(
+              fn, args_n, os.path.join(args.profile, f'{n}_{t}'))
         print(records[-1], flush=True)
   result = dict(device=devices[0].device_kind, num_gpus=len(devices),
                 date=datetime.datetime.now().isoformat(),

@@ -1,6 +1,7 @@
 """The tools around training, as a user runs them on a short run: progress
 bar, TensorBoard events, profile trace, plots, evaluation, sampling."""
 import fcntl
+import gzip
 import io
 import json
 import os
@@ -170,3 +171,28 @@ def test_generate_refuses_a_prompt_longer_than_the_model(run):
   result = python('-m', 'jaxflash.generate', '--workdir', str(run['workdir']),
                   '--prompt', ' word' * 200)
   one_error_line(result, '--prompt: 200 tokens', 'max_seq_len=128')
+
+
+def test_trace_summary_measures_hidden_collectives(tmp_path):
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
+                                  'benchmarks'))
+  import trace_summary  # pylint: disable=g-import-not-at-top
+  meta = lambda kind, pid, tid, name: dict(ph='M', name=kind, pid=pid, tid=tid,
+                                           args=dict(name=name))
+  kernel = lambda tid, name, ts, dur: dict(ph='X', pid=1, tid=tid, name=name,
+                                           ts=ts, dur=dur)
+  events = [meta('process_name', 1, 0, '/device:GPU:0'),
+            meta('thread_name', 1, 7, 'Stream #7'),
+            meta('thread_name', 1, 9, 'Stream #9'),
+            kernel(7, 'flash_fwd.1', 0, 100), kernel(7, 'flash_fwd.2', 300, 100),
+            kernel(9, 'ncclDevKernel_SendRecv', 50, 100),
+            kernel(9, 'ncclDevKernel_SendRecv', 380, 40)]
+  path = tmp_path / 'plugins' / 'profile' / 'run' / 'perfetto_trace.json.gz'
+  path.parent.mkdir(parents=True)
+  with gzip.open(path, 'wt') as f:
+    json.dump(dict(traceEvents=events), f)
+  # 140 us of transfers, 50 + 20 of them while a kernel computed.
+  assert trace_summary.overlap(str(tmp_path)) == [
+      (1, pytest.approx(0.14), pytest.approx(0.07), pytest.approx(0.2))]
+  assert trace_summary.summarize(str(tmp_path))[0][:2] == (
+      'flash_fwd', pytest.approx(0.2))
