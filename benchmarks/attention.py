@@ -13,6 +13,7 @@ when causal; forward+backward 3.5x that.
   python benchmarks/attention.py --shapes s8192_d128,s1024_d80 --impls flash
   python benchmarks/attention.py --quick --impls mosaic,cudnn,flash
   python benchmarks/attention.py --sweep            # our kernel's variants
+  python benchmarks/attention.py --sweep_mosaic     # the Mosaic kernels' knobs
 Writes <out>/attention_<gpu>.json (default benchmarks/results/).
 """
 import argparse
@@ -30,8 +31,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
-from kernels.flash_attention import (BlockSizes, flash_attention,
-                                     flash_attention_bwd, flash_attention_fwd)
+from kernels.flash_attention import (BlockSizes, MosaicTuning,
+                                     flash_attention, flash_attention_bwd,
+                                     flash_attention_fwd)
+from kernels.flash_mosaic import MosaicConfig
+from kernels.flash_mosaic_vjp import FUSED_HEAD_DIMS, MosaicBwdConfig
 from kernels.reference import reference_attention
 # pylint: enable=g-import-not-at-top
 
@@ -58,6 +62,8 @@ SHAPES = [Shape(TOKENS // s, s, 2048 // d, d)
           for d in (128, 64) for s in (512, 1024, 2048, 4096, 8192, 16384)]
 SHAPES.append(Shape(4, 1024, 32, 80))  # the seed model (GPT-3 2.7B)
 QUICK = ('s2048_d128', 's8192_d128', 's2048_d64', 's1024_d80')
+# --sweep_mosaic: one long and one short shape per head_dim, most telling first.
+SWEEP_MOSAIC = ('s8192_d128', 's1024_d80', 's2048_d64', 's2048_d128')
 
 
 def fwd_flops(shape, causal):
@@ -66,12 +72,14 @@ def fwd_flops(shape, causal):
 
 
 def attention_fn(impl, causal, block_sizes=None):
+  """block_sizes: BlockSizes for 'flash', MosaicTuning for 'mosaic'."""
   if impl == 'flash':
     return lambda q, k, v: flash_attention(q, k, v, causal=causal,
                                            block_sizes=block_sizes)
   if impl == 'mosaic':
     return lambda q, k, v: flash_attention(q, k, v, causal=causal,
-                                           backend='mosaic')
+                                           backend='mosaic',
+                                           mosaic_config=block_sizes)
   if impl in ('cudnn', 'xla'):
     return lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation=impl)
@@ -118,14 +126,26 @@ def rel_err(got, want):
   return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
-def check(shape, causal, impl='flash', block_sizes=None):
-  """One of our kernels' max relative error (out, dq, dk, dv) vs the f32
-  reference, on one batch row and two heads at the full sequence length."""
-  q, k, v, do = [x[:1, :, :2] for x in inputs(shape, jax.random.PRNGKey(1))]
-  ours = attention_fn(impl, causal, block_sizes)
+def _check_inputs(shape):
+  return [x[:1, :, :2] for x in inputs(shape, jax.random.PRNGKey(1))]
+
+
+def reference_outputs(shape, causal):
+  """The f32 reference's (out, (dq, dk, dv)) on check()'s inputs."""
   ref = lambda q, k, v: reference_attention(q, k, v, causal=causal)
-  got = jax.jit(lambda *a: (ours(*a[:3]), fwd_bwd(ours)(*a)))(q, k, v, do)
-  want = jax.jit(lambda *a: (ref(*a[:3]), fwd_bwd(ref)(*a)))(q, k, v, do)
+  return jax.jit(lambda *a: (ref(*a[:3]), fwd_bwd(ref)(*a)))(
+      *_check_inputs(shape))
+
+
+def check(shape, causal, impl='flash', block_sizes=None, want=None):
+  """One of our kernels' max relative error (out, dq, dk, dv) vs the f32
+  reference (want: reference_outputs, if already computed), on one batch row
+  and two heads at the full sequence length."""
+  ours = attention_fn(impl, causal, block_sizes)
+  got = jax.jit(lambda *a: (ours(*a[:3]), fwd_bwd(ours)(*a)))(
+      *_check_inputs(shape))
+  if want is None:
+    want = reference_outputs(shape, causal)
   return max(rel_err(g, w) for g, w in zip(jax.tree.leaves(got),
                                             jax.tree.leaves(want)))
 
@@ -208,6 +228,105 @@ def sweep(shape, causal):
   return records
 
 
+def mosaic_variants(head_dim):
+  """(part, MosaicTuning): the forward's FA3 scheduling knobs and key blocks,
+  then the backward's (fused or block sizes), each around the defaults."""
+  fwd = [MosaicConfig.default(head_dim)]
+  base = fwd[0]
+  fwd += [dataclasses.replace(base, pingpong=True),
+          dataclasses.replace(base, overlap=True),
+          dataclasses.replace(base, pingpong=True, overlap=True),
+          MosaicConfig(64, 4, pingpong=True, overlap=True)]
+  # d64: a 256-key block fits (S is 128 registers a thread): no overlap.
+  fwd.append(MosaicConfig(256, 2, pingpong=True) if head_dim <= 64 else
+             MosaicConfig(64, 4, pingpong=True))
+  bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
+         MosaicBwdConfig(num_stages=3)]
+  if head_dim in FUSED_HEAD_DIMS:
+    bwd.append(MosaicBwdConfig(fused=True))
+    if head_dim <= 64:  # a third stage fits in smem only below d128
+      bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
+  return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
+          [('bwd', MosaicTuning(bwd=c)) for c in bwd])
+
+
+def describe_mosaic(part, tuning):
+  if part == 'fwd':
+    c = tuning.fwd
+    return (f'fwd k{c.block_k} s{c.num_stages}'
+            f'{" pingpong" if c.pingpong else ""}'
+            f'{" overlap" if c.overlap else ""}')
+  c = tuning.bwd
+  return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
+          f'{" fused" if c.fused else ""}')
+
+
+def sweep_mosaic(shape, causal):
+  """Each Mosaic variant's forward or backward alone, after checking it
+  (forward and backward) against the f32 reference; cuDNN's forward and
+  forward+backward for scale."""
+  q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
+  flops = fwd_flops(shape, causal)
+  o, lse = flash_attention_fwd(q, k, v, causal=causal, backend='mosaic')
+  want = reference_outputs(shape, causal)
+  records = []
+  for part, tuning in mosaic_variants(shape.head_dim):
+    name = describe_mosaic(part, tuning)
+    record = dict(shape=shape.name, causal=causal, part=part, variant=name)
+    try:
+      record['rel_err'] = check(shape, causal, 'mosaic', tuning, want)
+      if part == 'fwd':
+        fn = jax.jit(lambda q, k, v, t=tuning: flash_attention_fwd(
+            q, k, v, causal=causal, backend='mosaic', mosaic_config=t))
+        ms = time_ms(fn, (q, k, v))
+        record.update(ms=ms, tflops=flops / ms / 1e9)
+      else:
+        fn = jax.jit(lambda *a, t=tuning: flash_attention_bwd(
+            *a, causal=causal, backend='mosaic', mosaic_config=t))
+        ms = time_ms(fn, (q, k, v, o, lse, do))
+        record.update(ms=ms, tflops=2.5 * flops / ms / 1e9)
+    except Exception as e:  # pylint: disable=broad-except
+      record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
+    print(json.dumps(record), flush=True)
+    records.append(record)
+  ref = dict(shape=shape.name, causal=causal, part='cudnn', variant='cudnn')
+  try:
+    ref.update(bench_impl('cudnn', shape, causal))
+  except Exception as e:  # pylint: disable=broad-except
+    ref['error'] = f'{type(e).__name__}: {str(e)[:300]}'
+  print(json.dumps(ref), flush=True)
+  return records + [ref]
+
+
+def print_sweep_mosaic(records):
+  """Per shape: each variant's ms, TFLOP/s and rel err; the best forward and
+  backward, and their sum as forward+backward against cuDNN's."""
+  cases = list(dict.fromkeys((r['shape'], r['causal']) for r in records))
+  for name, causal in cases:
+    rows = [r for r in records if (r['shape'], r['causal']) == (name, causal)]
+    print(f'{name}{" causal" if causal else ""}')
+    best = {}
+    for r in rows:
+      if r['part'] == 'cudnn':
+        continue
+      if 'error' in r:
+        print(f'  {r["variant"]:36s} failed: {r["error"][:80]}')
+        continue
+      print(f'  {r["variant"]:36s} {r["ms"]:8.3f} ms {r["tflops"]:6.1f} '
+            f'TFLOP/s  err {r["rel_err"]:.1e}')
+      if r['rel_err'] < 1e-2 and (r['part'] not in best or
+                                  r['ms'] < best[r['part']]['ms']):
+        best[r['part']] = r
+    ref = next((r for r in rows if r['part'] == 'cudnn' and 'error' not in r),
+               None)
+    if 'fwd' in best and 'bwd' in best and ref:
+      fwdbwd = best['fwd']['ms'] + best['bwd']['ms']
+      print(f'  best: {best["fwd"]["variant"]} + {best["bwd"]["variant"]}: '
+            f'fwd {ref["fwd_ms"] / best["fwd"]["ms"]:.2f}x cuDNN, fwd+bwd '
+            f'{ref["fwdbwd_ms"] / fwdbwd:.2f}x cuDNN ({fwdbwd:.3f} vs '
+            f'{ref["fwdbwd_ms"]:.3f} ms)')
+
+
 def compare(shape, causal, impls, check_ours):
   records = []
   for impl in impls:
@@ -236,33 +355,47 @@ def main():
                       help=f'only {",".join(QUICK)}')
   parser.add_argument('--sweep', action='store_true',
                       help='time our kernel variants instead of the impls')
+  parser.add_argument('--sweep_mosaic', action='store_true',
+                      help='time the Mosaic kernels\' knobs (default shapes '
+                      f'{",".join(SWEEP_MOSAIC)})')
   parser.add_argument('--no-check', action='store_true')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results'))
   args = parser.parse_args()
 
   names = (args.shapes.split(',') if args.shapes else
-           QUICK if args.quick else [s.name for s in SHAPES])
-  shapes = [s for s in SHAPES if s.name in names]
+           QUICK if args.quick else
+           SWEEP_MOSAIC if args.sweep_mosaic else [s.name for s in SHAPES])
+  shapes = sorted((s for s in SHAPES if s.name in names),
+                  key=lambda s: names.index(s.name))
   causals = {'both': (False, True), 'yes': (True,), 'no': (False,)}[args.causal]
   impls = args.impls.split(',')
   device = jax.devices()[0].device_kind
   print(f'{device}, jax {jax.__version__}', flush=True)
 
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f'attention{"_sweep" if args.sweep else ""}'
-                      f'_{device.replace(" ", "_")}.json')
+  kind = ('_sweep' if args.sweep else
+          '_sweep_mosaic' if args.sweep_mosaic else '')
+  path = os.path.join(args.out,
+                      f'attention{kind}_{device.replace(" ", "_")}.json')
   meta = dict(device=device, date=datetime.datetime.now().isoformat(),
               jax=jax.__version__)
   records = []
   for shape in shapes:
     for causal in causals:
-      records += (sweep(shape, causal) if args.sweep else
-                  compare(shape, causal, impls, check_ours=not args.no_check))
+      if args.sweep:
+        records += sweep(shape, causal)
+      elif args.sweep_mosaic:
+        records += sweep_mosaic(shape, causal)
+      else:
+        records += compare(shape, causal, impls,
+                           check_ours=not args.no_check)
       with open(path, 'w') as f:  # after each shape: a cut-off run keeps some
         json.dump(dict(meta, records=records), f, indent=1)
   print(f'wrote {path}')
-  if not args.sweep:
+  if args.sweep_mosaic:
+    print_sweep_mosaic(records)
+  elif not args.sweep:
     print_table(records)
 
 

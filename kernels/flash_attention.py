@@ -17,6 +17,7 @@ interpret=True runs the kernels on CPU (Pallas interpret mode, which also
 starts every output as NaN, so a tile left unwritten shows up in tests; with
 backend='mosaic', Mosaic GPU's interpret mode).
 """
+import dataclasses
 import functools
 
 import jax
@@ -27,6 +28,8 @@ from kernels import flash_mosaic
 from kernels import flash_mosaic_vjp
 from kernels import flash_triton
 from kernels import flash_triton_vjp
+from kernels.flash_mosaic import MosaicConfig
+from kernels.flash_mosaic_vjp import MosaicBwdConfig
 from kernels.flash_triton import BlockSizes
 from kernels.reference import split_segment_ids
 
@@ -71,6 +74,21 @@ def check_qkv(q, k, v):
     raise ValueError(f'seq: empty sequence (q {q.shape}, k {k.shape})')
 
 
+@dataclasses.dataclass(frozen=True)
+class MosaicTuning:
+  """The Mosaic kernels' knobs: fwd (MosaicConfig) and bwd (MosaicBwdConfig);
+  None picks the measured default."""
+  fwd: MosaicConfig | None = None
+  bwd: MosaicBwdConfig | None = None
+
+  def block_k(self, head_dim):
+    """The largest key block the kernels step by: seq_kv must be a multiple."""
+    fwd = self.fwd or MosaicConfig.default(head_dim)
+    bwd = self.bwd or MosaicBwdConfig()
+    return max(fwd.block_k, flash_mosaic_vjp.BLOCK_K,
+               0 if bwd.fused else bwd.block_k)
+
+
 def _check_segments(segment_ids, q, k):
   batch, seq_q, seq_kv = q.shape[0], q.shape[1], k.shape[1]
   if isinstance(segment_ids, (tuple, list)) and len(segment_ids) != 2:
@@ -112,14 +130,21 @@ def _on_hopper():
           str(getattr(device, 'compute_capability', '')).startswith('9.'))
 
 
-def _choose_backend(backend, q, k, has_segments, block_sizes):
+def _choose_backend(backend, q, k, has_segments, block_sizes,
+                    mosaic_config=None):
   """'triton' or 'mosaic', for the forward and the backward alike (the Mosaic
   kernels of both directions support the same shapes)."""
   if backend not in BACKENDS:
     raise ValueError(f'backend: expected one of {BACKENDS}, got {backend!r}')
+  if mosaic_config is not None and not isinstance(mosaic_config,
+                                                  MosaicTuning):
+    raise ValueError(f'mosaic_config: expected MosaicTuning, got '
+                     f'{mosaic_config!r}')
   if backend == 'triton':
     return 'triton'
-  reason = flash_mosaic.unsupported(q, k, has_segments=has_segments)
+  reason = flash_mosaic.unsupported(
+      q, k, has_segments=has_segments,
+      block_k=(mosaic_config or MosaicTuning()).block_k(q.shape[-1]))
   if backend == 'mosaic':
     if block_sizes is not None:
       raise ValueError("block_sizes: Triton tiles; backend='mosaic' picks its"
@@ -134,12 +159,12 @@ def _choose_backend(backend, q, k, has_segments, block_sizes):
 
 
 def _config(q, k, v, segment_ids, *, causal, sm_scale, interpret,
-            block_sizes, backend):
+            block_sizes, backend, mosaic_config=None):
   """Validates everything from shapes, before anything compiles."""
   check_qkv(q, k, v)
   segments = _check_segments(segment_ids, q, k)
   backend = _choose_backend(backend, q, k, segments[0] is not None,
-                            block_sizes)
+                            block_sizes, mosaic_config)
   head_dim = q.shape[-1]
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
@@ -149,53 +174,59 @@ def _config(q, k, v, segment_ids, *, causal, sm_scale, interpret,
   config = dict(causal=bool(causal), sm_scale=float(sm_scale),
                 interpret=bool(interpret),
                 block_sizes=_check_block_sizes(block_sizes, q, k, causal),
-                backend=backend)
+                backend=backend,
+                mosaic_config=mosaic_config or MosaicTuning())
   return segments, config
 
 
-_STATIC = ('causal', 'sm_scale', 'interpret', 'block_sizes', 'backend')
+_STATIC = ('causal', 'sm_scale', 'interpret', 'block_sizes', 'backend',
+           'mosaic_config')
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _fwd(q, k, v, q_seg, kv_seg, *, backend, block_sizes, **config):
+def _fwd(q, k, v, q_seg, kv_seg, *, backend, block_sizes, mosaic_config,
+         **config):
   if backend == 'mosaic':
-    return flash_mosaic.flash_fwd(q, k, v, **config)
+    return flash_mosaic.flash_fwd(q, k, v, config=mosaic_config.fwd, **config)
   return flash_triton.flash_fwd(q, k, v, q_seg, kv_seg,
                                 block_sizes=block_sizes, **config)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg, *, backend, block_sizes,
-         **config):
+         mosaic_config, **config):
   if backend == 'mosaic':
-    return flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, dlse, **config)
+    return flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, dlse,
+                                      config=mosaic_config.bwd, **config)
   return flash_triton_vjp.flash_bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg,
                                     block_sizes=block_sizes, **config)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
 def _attention(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-               block_sizes, backend):
+               block_sizes, backend, mosaic_config):
   return _fwd(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale,
-              interpret=interpret, block_sizes=block_sizes, backend=backend)
+              interpret=interpret, block_sizes=block_sizes, backend=backend,
+              mosaic_config=mosaic_config)
 
 
 def _attention_fwd(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-                   block_sizes, backend):
+                   block_sizes, backend, mosaic_config):
   o, lse = _attention(q, k, v, q_seg, kv_seg, causal, sm_scale, interpret,
-                      block_sizes, backend)
+                      block_sizes, backend, mosaic_config)
   o, lse = (checkpoint_name(x, name) for x, name in zip((o, lse),
                                                          RESIDUAL_NAMES))
   return (o, lse), (q, k, v, q_seg, kv_seg, o, lse)
 
 
 def _attention_bwd(causal, sm_scale, interpret, block_sizes, backend,
-                   residuals, cotangents):
+                   mosaic_config, residuals, cotangents):
   q, k, v, q_seg, kv_seg, o, lse = residuals
   do, dlse = cotangents
   dq, dk, dv = _bwd(q, k, v, o, lse, do, dlse, q_seg, kv_seg, causal=causal,
                     sm_scale=sm_scale, interpret=interpret,
-                    block_sizes=block_sizes, backend=backend)
+                    block_sizes=block_sizes, backend=backend,
+                    mosaic_config=mosaic_config)
   return dq, dk, dv, None, None
 
 
@@ -204,7 +235,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None,
                     return_lse=False, interpret=False, block_sizes=None,
-                    backend=DEFAULT_BACKEND):
+                    backend=DEFAULT_BACKEND, mosaic_config=None):
   """Softmax attention, FlashAttention-2 style; see kernels/reference.py.
 
   Args:
@@ -220,32 +251,38 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None,
       BlockSizes.default(head_dim, seq_kv, causal).
     backend: 'triton', 'mosaic' (Hopper; ValueError naming the limit for
       shapes it cannot run) or 'auto' (mosaic where it can run on a 9.x GPU).
+    mosaic_config: MosaicTuning, the Mosaic kernels' knobs; default the
+      measured ones.
 
   Returns:
     out like q, or (out, lse). Rows that see no key give out = 0, lse = -inf.
   """
   (q_seg, kv_seg), config = _config(
       q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
-      interpret=interpret, block_sizes=block_sizes, backend=backend)
+      interpret=interpret, block_sizes=block_sizes, backend=backend,
+      mosaic_config=mosaic_config)
   o, lse = _attention(q, k, v, q_seg, kv_seg, config['causal'],
                       config['sm_scale'], config['interpret'],
-                      config['block_sizes'], config['backend'])
+                      config['block_sizes'], config['backend'],
+                      config['mosaic_config'])
   return (o, lse) if return_lse else o
 
 
 def flash_attention_fwd(q, k, v, *, causal=False, sm_scale=None,
                         segment_ids=None, interpret=False, block_sizes=None,
-                        backend=DEFAULT_BACKEND):
+                        backend=DEFAULT_BACKEND, mosaic_config=None):
   """The forward kernel alone: (out, lse); not differentiable."""
   (q_seg, kv_seg), config = _config(
       q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
-      interpret=interpret, block_sizes=block_sizes, backend=backend)
+      interpret=interpret, block_sizes=block_sizes, backend=backend,
+      mosaic_config=mosaic_config)
   return _fwd(q, k, v, q_seg, kv_seg, **config)
 
 
 def flash_attention_bwd(q, k, v, o, lse, do, *, dlse=None, causal=False,
                         sm_scale=None, segment_ids=None, interpret=False,
-                        block_sizes=None, backend=DEFAULT_BACKEND):
+                        block_sizes=None, backend=DEFAULT_BACKEND,
+                        mosaic_config=None):
   """The backward kernels alone: (dq, dk, dv) of attention(q, k, v).
 
   o, lse and do may be the global ones of a query chunk (ring attention): P is
@@ -254,7 +291,8 @@ def flash_attention_bwd(q, k, v, o, lse, do, *, dlse=None, causal=False,
   """
   (q_seg, kv_seg), config = _config(
       q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
-      interpret=interpret, block_sizes=block_sizes, backend=backend)
+      interpret=interpret, block_sizes=block_sizes, backend=backend,
+      mosaic_config=mosaic_config)
   lse_shape = (q.shape[0], q.shape[2], q.shape[1])
   for name, x, shape in (('o', o, q.shape), ('do', do, q.shape),
                          ('lse', lse, lse_shape), ('dlse', dlse, lse_shape)):

@@ -44,9 +44,23 @@ PRODUCER_REGS = 24
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-  """block_k keys per pipeline step; num_stages K/V slots in shared memory."""
+  """Forward tuning knobs (static; the defaults are the measured ones).
+
+  block_k: keys per pipeline step (a multiple of 64).
+  num_stages: K/V slots in shared memory.
+  pingpong: the two consumers take turns on the tensor cores: both meet at a
+    shared mbarrier right after issuing a step's wgmmas and again after its
+    softmax, warpgroup 1 starting one meeting late, so one's softmax runs
+    under the other's matmuls (FA3's inter-warpgroup ping-pong).
+  overlap: step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and
+    runs softmax(S_j) while P V is still on the tensor cores (FA3's
+    intra-warpgroup pipelining); O is accumulated in place in the wgmma
+    accumulator. Costs registers: S_j, O and P_{j-1} are live at once.
+  """
   block_k: int = 128
   num_stages: int = 2
+  pingpong: bool = False
+  overlap: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -90,16 +104,32 @@ def smem(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=tile_transforms(shape[-1], dtype))
 
 
-def mma(a, b, shape):
+def mma(a, b, shape, after_issue=None):
   """a @ b on the tensor cores (wgmma) into a fresh float32 accumulator.
 
   a: smem ref, or registers in the WGMMA layout; b: smem ref (maybe a
-  transposed view). Waits for the result.
+  transposed view). after_issue() runs while the wgmma is in flight. Waits for
+  the result.
   """
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
+    if after_issue is not None:
+      after_issue()
     return acc_ref[...]
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def seed_acc(acc_ref, value, interpret):
+  """Starts a fresh wgmma accumulator at `value`, so wgmma adds in place (no
+  second register tile). The interpreter has no accumulator store: there it
+  stays at 0 and read_acc adds `value` (its wgmma is synchronous)."""
+  if not interpret:
+    acc_ref[...] = value
+
+
+def read_acc(acc_ref, value, interpret):
+  """The accumulator seeded by seed_acc(acc_ref, value), after all wgmmas."""
+  return acc_ref[...] + value if interpret else acc_ref[...]
 
 
 def wgmma_full(shape, value):
@@ -194,13 +224,27 @@ def stage_lhs(x, stage_ref):
   return stage_ref
 
 
+def _softmax_step(s, m, l, *, scale, mask):
+  """One online-softmax step on raw scores s: (p, m, l, alpha), m in the
+  log2 domain; mask: None or the [rows, keys] visibility."""
+  if mask is not None:
+    s = jnp.where(mask, s, NEG_INF)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
+  # A row that has seen no key yet keeps m = -inf: exponents must not be NaN.
+  m_use = m_new if mask is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
+  p = jnp.exp2(s * scale - rows_col(m_use, s.shape))
+  alpha = jnp.exp2(m - m_use)
+  return p, m_new, l * alpha + jnp.sum(p, axis=1), alpha
+
+
 def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
                   o_ref, lse_ref, *, wg, b, h, q_start, steps, sm_scale,
-                  causal_offset, block_k, num_stages):
-  q_bar, k_ready, v_ready, k_free, v_free = bars
+                  causal_offset, config, interpret):
+  q_bar, k_ready, v_ready, k_free, v_free, turn = bars
   p_smem = None if p_smem is None else p_smem.at[wg]
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
+  block_k, num_stages = config.block_k, config.num_stages
   scale = sm_scale * LOG2E
   rows = q_start + wg * ROWS_WG
   q_smem = qo_smem.at[wg]
@@ -208,38 +252,110 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
                           q_bar.at[wg])
   plgpu.barrier_wait(q_bar.at[wg])
   s_shape = (ROWS_WG, block_k)
+  o_shape = (ROWS_WG, head_dim)
   q_pos = rows + wgmma_iota(s_shape, 0)
+
+  def meet():
+    # Both consumers arrive, then wait: with warpgroup 1 one meeting behind,
+    # their wgmmas and softmaxes alternate.
+    if config.pingpong:
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+  def mask(masked, j):
+    if not masked:
+      return None
+    return j * block_k + wgmma_iota(s_shape, 1) <= q_pos + causal_offset
 
   def body(masked, j, carry):
     acc, m, l = carry
     slot = lax.rem(j, num_stages)
     plgpu.barrier_wait(k_ready.at[slot])
-    s = mma(q_smem, k_smem.at[slot].T, s_shape)
+    s = mma(q_smem, k_smem.at[slot].T, s_shape, after_issue=meet)
     plgpu.barrier_arrive(k_free.at[slot])
-    if masked:
-      k_pos = j * block_k + wgmma_iota(s_shape, 1)
-      s = jnp.where(k_pos <= q_pos + causal_offset, s, NEG_INF)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
-    # A row that has seen no key yet keeps m = -inf: exponents must not be NaN.
-    m_use = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
-    p = jnp.exp2(s * scale - rows_col(m_use, s_shape))
-    alpha = jnp.exp2(m - m_use)
-    l = l * alpha + jnp.sum(p, axis=1)
+    p, m, l, alpha = _softmax_step(s, m, l, scale=scale, mask=mask(masked, j))
+    meet()
     p = stage_lhs(p.astype(dtype), p_smem)
     plgpu.barrier_wait(v_ready.at[slot])
-    pv = mma(p, v_smem.at[slot], (ROWS_WG, head_dim))
+    pv = mma(p, v_smem.at[slot], o_shape)
     plgpu.barrier_arrive(v_free.at[slot])
-    acc = acc * rows_col(alpha, acc.shape) + pv
-    return acc, m_new, l
+    return acc * rows_col(alpha, acc.shape) + pv, m, l
 
-  carry = (wgmma_full((ROWS_WG, head_dim), 0.0), wgmma_rows(ROWS_WG, NEG_INF),
-           wgmma_rows(ROWS_WG, 0.0))
+  def first(masked):
+    """Overlap: S_0 and its softmax; O starts at 0."""
+    plgpu.barrier_wait(k_ready.at[0])
+    s = mma(q_smem, k_smem.at[0].T, s_shape, after_issue=meet)
+    plgpu.barrier_arrive(k_free.at[0])
+    p, m, l, _ = _softmax_step(s, wgmma_rows(ROWS_WG, NEG_INF),
+                               wgmma_rows(ROWS_WG, 0.0), scale=scale,
+                               mask=mask(masked, 0))
+    meet()
+    return wgmma_full(o_shape, 0.0), m, l, p.astype(dtype)
+
+  def overlapped(masked, j, carry):
+    """Overlap, step j >= 1: S_j and P_{j-1} V_{j-1} in flight together."""
+    acc, m, l, p_prev = carry
+    slot, prev = lax.rem(j, num_stages), lax.rem(j - 1, num_stages)
+    plgpu.barrier_wait(k_ready.at[slot])
+    plgpu.barrier_wait(v_ready.at[prev])
+
+    def scope(s_ref, o_ref):
+      seed_acc(o_ref, acc, interpret)
+      plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+      plgpu.wgmma(o_ref, stage_lhs(p_prev, p_smem), v_smem.at[prev])
+      meet()
+      s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j only
+      plgpu.barrier_arrive(k_free.at[slot])
+      p, m_new, l_new, alpha = _softmax_step(s, m, l, scale=scale,
+                                             mask=mask(masked, j))
+      return read_acc(o_ref, acc, interpret), p, m_new, l_new, alpha
+
+    o, p, m, l, alpha = pl.run_scoped(scope, plgpu.ACC(s_shape, jnp.float32),
+                                      plgpu.ACC(o_shape, jnp.float32))
+    plgpu.barrier_arrive(v_free.at[prev])
+    meet()
+    # o holds P_{j-1} V_{j-1}, taken against m_{j-1}: rescale to m_j.
+    return o * rows_col(alpha, o.shape), m, l, p.astype(dtype)
+
+  def last(total, carry):
+    """Overlap: O += P V of the last step."""
+    acc, m, l, p = carry
+    slot = lax.rem(total - 1, num_stages)
+    plgpu.barrier_wait(v_ready.at[slot])
+
+    def scope(o_ref):
+      seed_acc(o_ref, acc, interpret)
+      plgpu.wgmma(o_ref, stage_lhs(p, p_smem), v_smem.at[slot])
+      meet()
+      return read_acc(o_ref, acc, interpret)
+
+    acc = pl.run_scoped(scope, plgpu.ACC(o_shape, jnp.float32))
+    plgpu.barrier_arrive(v_free.at[slot])
+    return acc, m, l
+
   unmasked, total = steps
-  carry = lax.fori_loop(0, unmasked, functools.partial(body, False), carry)
-  if causal_offset is not None:
-    carry = lax.fori_loop(unmasked, total, functools.partial(body, True),
-                          carry)
-  acc, m, l = carry
+  causal = causal_offset is not None
+  init = (wgmma_full(o_shape, 0.0), wgmma_rows(ROWS_WG, NEG_INF),
+          wgmma_rows(ROWS_WG, 0.0))
+  pl.when(wg == 1)(meet)
+  if config.overlap:
+    # Both consumers share `steps`, so they skip (no keys at all) together.
+    carry = lax.cond(total > 0, lambda: first(causal),
+                     lambda: (*init, wgmma_full(s_shape, 0.0).astype(dtype)))
+    carry = lax.fori_loop(1, jnp.maximum(unmasked, 1),
+                          functools.partial(overlapped, False), carry)
+    if causal:
+      carry = lax.fori_loop(jnp.maximum(unmasked, 1), total,
+                            functools.partial(overlapped, True), carry)
+    acc, m, l = lax.cond(total > 0, functools.partial(last, total),
+                         lambda c: c[:3], carry)
+  else:
+    carry = lax.fori_loop(0, unmasked, functools.partial(body, False), init)
+    if causal:
+      carry = lax.fori_loop(unmasked, total, functools.partial(body, True),
+                            carry)
+    acc, m, l = carry
+  pl.when(wg == 0)(meet)
   # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
@@ -253,8 +369,8 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem,
-                p_smem, lse_smem, q_bar, k_ready, v_ready, k_free, v_free, *,
-                sm_scale, causal, group, config):
+                p_smem, lse_smem, q_bar, k_ready, v_ready, k_free, v_free,
+                turn, *, sm_scale, causal, group, config, interpret):
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   block_k, num_stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
@@ -271,9 +387,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem,
     plgpu.set_max_registers(CONSUMER_REGS, action='increase')
     _fwd_consumer(
         q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem,
-        (q_bar, k_ready, v_ready, k_free, v_free), o_ref, lse_ref, wg=wg, b=b,
-        h=h, q_start=q_start, steps=steps, sm_scale=sm_scale,
-        causal_offset=causal_offset, block_k=block_k, num_stages=num_stages)
+        (q_bar, k_ready, v_ready, k_free, v_free, turn), o_ref, lse_ref, wg=wg,
+        b=b, h=h, q_start=q_start, steps=steps, sm_scale=sm_scale,
+        causal_offset=causal_offset, config=config, interpret=interpret)
 
   @pl.when(wg == NUM_CONSUMERS)
   def _():
@@ -306,9 +422,11 @@ def flash_fwd(q, k, v, *, sm_scale, causal, interpret, config=None):
       plgpu.Barrier(num_barriers=NUM_CONSUMERS),
       plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
       consumers, consumers,
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # ping-pong turns
   ]
   kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal,
-                             group=group, config=config)
+                             group=group, config=config,
+                             interpret=interpret_params(interpret) is not None)
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),

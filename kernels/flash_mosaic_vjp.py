@@ -24,15 +24,33 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import flash_mosaic as fm
 
 BLOCK_K = fm.ROWS_WG * fm.NUM_CONSUMERS  # keys per dK/dV CTA
+# dQ = dS K takes both operands from smem, which Mosaic's wgmma needs equally
+# swizzled: dS^T rows (64 queries) take 128 B, so K rows must too.
+FUSED_HEAD_DIMS = (64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBwdConfig:
-  """block_q: query rows per dK/dV step; block_k: keys per dQ step;
-  num_stages: slots of each streamed tile."""
+  """Backward tuning knobs (static; the defaults are the measured ones).
+
+  block_q: query rows per dK/dV step; block_k: keys per dQ step;
+  num_stages: slots of each streamed tile.
+  fused: no dQ kernel: the dK/dV kernel also computes dQ = dS K (5 matmuls
+    instead of 7, no second exp of S) and adds it into a float32 dQ in HBM
+    with TMA reduce-adds. The two consumers take turns (even steps warpgroup
+    0, odd ones 1): each writes its 64 keys' dS^T to a shared smem tile, the
+    one whose turn it is multiplies all 128 keys, so one reduce per step.
+    Needs block_q == 64 (wgmma's M) and an extra float32 pass over dQ.
+  """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
+  fused: bool = False
+
+  def __post_init__(self):
+    if self.fused and self.block_q != fm.ROWS_WG:
+      raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
+                       f'{self.block_q}')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -54,14 +72,35 @@ def _load_own(wg, src, copies):
   return mine
 
 
+def _add_to_gmem(x, dst, smem_ref, bar, interpret):
+  """dst += x (float32 registers) through smem_ref with a TMA reduce-add.
+  The interpreter has no reduce-add: there a load, add and store stand in
+  (it runs CTAs one after another, and a CTA's own adds touch distinct
+  tiles, so that is exact)."""
+  if interpret:
+    plgpu.wait_smem_to_gmem(0)
+    plgpu.copy_gmem_to_smem(dst, smem_ref, bar)
+    plgpu.barrier_wait(bar)
+    x = x + smem_ref[...]
+  else:  # the previous reduce has read smem_ref
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  smem_ref[...] = x
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(smem_ref, dst,
+                          reduction_op=None if interpret else 'add')
+
+
 def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
-                   sm_scale, causal_offset, config):
-  q_ref, k_ref, v_ref, dk_ref, dv_ref = refs
-  k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, stage = smem
-  k_bar, v_bar, q_ready, do_ready, lse_ready, delta_ready, free = bars
+                   sm_scale, causal_offset, config, interpret):
+  q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref = refs
+  (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, stage, ds_smem,
+   dq_smem) = smem
+  (k_bar, v_bar, q_ready, do_ready, lse_ready, delta_ready, free, ds_ready,
+   ds_free, dq_bar) = bars
   head_dim, dtype = q_ref.shape[-1], q_ref.dtype
   rows = k_start + wg * fm.ROWS_WG
   src = (b, pl.ds(rows, fm.ROWS_WG), kv_h)
+  k_all = k_smem
   k_smem, v_smem = _load_own(wg, src, [(k_ref, k_smem, k_bar),
                                        (v_ref, v_smem, v_bar)])
   stage = None if stage is None else stage.at[wg]
@@ -73,9 +112,38 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   lo, first_full, num_q = q_range
   per_head = num_q - lo
 
+  def dq_step(step, g, i, ds_t):
+    """Fused: dS^T to the shared tile; on this warpgroup's turn, dQ of the
+    step's query rows against all the CTA's keys, added into dq_ref."""
+    buf = lax.rem(step, 2)  # = the warpgroup whose turn it is
+
+    @pl.when(step >= 2)
+    def _():  # the turn two steps back has read this buffer
+      plgpu.barrier_wait(ds_free.at[buf])
+
+    ds_smem.at[buf, wg][...] = ds_t
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(ds_ready.at[buf])
+
+    @pl.when(wg == buf)
+    def _():
+      plgpu.barrier_wait(ds_ready.at[buf])
+
+      def scope(acc_ref):
+        for w in range(fm.NUM_CONSUMERS):
+          plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w])
+        return acc_ref[...]
+
+      dq = pl.run_scoped(scope, plgpu.ACC((bq, head_dim), jnp.float32))
+      plgpu.barrier_arrive(ds_free.at[buf])
+      dst = dq_ref.at[b, pl.ds(i * bq, bq), kv_h * group + g]
+      _add_to_gmem(dq, dst, dq_smem.at[wg],
+                   None if dq_bar is None else dq_bar.at[wg], interpret)
+
   def body(masked, g, i, carry):
     dk, dv = carry
-    slot = lax.rem(g * per_head + i - lo, stages)
+    step = g * per_head + i - lo
+    slot = lax.rem(step, stages)
     plgpu.barrier_wait(q_ready.at[slot])
     s_t = fm.mma(k_smem, q_smem.at[slot].T, st_shape)
     if masked:
@@ -93,10 +161,12 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     plgpu.barrier_wait(delta_ready.at[slot])
     delta = lax.broadcast_in_dim(_row_stats(delta_smem.at[slot], 0),
                                  st_shape, (1,))
-    ds_t = p_t * (dp_t - delta)
-    dk = dk + fm.mma(fm.stage_lhs(ds_t.astype(dtype), stage), q_smem.at[slot],
+    ds_t = (p_t * (dp_t - delta)).astype(dtype)
+    dk = dk + fm.mma(fm.stage_lhs(ds_t, stage), q_smem.at[slot],
                      (fm.ROWS_WG, head_dim))
     plgpu.barrier_arrive(free.at[slot])
+    if config.fused:
+      dq_step(step, g, i, ds_t)
     return dk, dv
 
   def head(g, carry):
@@ -108,6 +178,10 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
 
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  if config.fused:
+    for buf in range(2):  # observe the last turn's frees too
+      pl.when(group * per_head > buf)(
+          functools.partial(plgpu.barrier_wait, ds_free.at[buf]))
   k_smem[...] = (dk * sm_scale).astype(dtype)
   v_smem[...] = dv.astype(dtype)
   plgpu.commit_smem()
@@ -131,9 +205,12 @@ def _q_range(k_start, block_q, seq_q, causal_offset):
   return lo, first_full, num_q
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref,
-                 dv_ref, *scratch, sm_scale, causal, group, config):
-  smem, bars = scratch[:7], scratch[7:]
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,
+                 sm_scale, causal, group, config, interpret):
+  # Fused: a float32 dQ input that the kernel adds into, before the outputs.
+  dq_ref = refs[0] if config.fused else None
+  dk_ref, dv_ref, *scratch = refs[1:] if config.fused else refs
+  smem, bars = scratch[:9], scratch[9:]
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   causal_offset = seq_kv - seq_q if causal else None
   kv_h, b = lax.axis_index('h'), lax.axis_index('b')
@@ -144,16 +221,17 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref,
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
-    _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref), smem, bars, wg=wg,
-                   b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
+    _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
+                   wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
                    group=group, sm_scale=sm_scale,
-                   causal_offset=causal_offset, config=config)
+                   causal_offset=causal_offset, config=config,
+                   interpret=interpret)
 
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(fm.PRODUCER_REGS, action='decrease')
-    _, _, q_smem, do_smem, lse2_smem, delta_smem, _ = smem
-    *_, q_ready, do_ready, lse_ready, delta_ready, free = bars
+    _, _, q_smem, do_smem, lse2_smem, delta_smem, *_ = smem
+    _, _, q_ready, do_ready, lse_ready, delta_ready, free, *_ = bars
     lo, _, num_q = q_range
     per_head, bq = num_q - lo, config.block_q
 
@@ -289,8 +367,16 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
     return (fm.smem((fm.NUM_CONSUMERS, fm.ROWS_WG, cols), dtype)
             if interpret else None)
 
+  fused = config.fused
+  if fused and head_dim not in FUSED_HEAD_DIMS:
+    raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
+                     f'got {head_dim}')
+  # Fused: dQ accumulates in float32 in place (a mutable ref: the kernel's
+  # reduce-adds land in this zeroed buffer).
+  dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32)) if fused else None
   dk, dv = plgpu.kernel(
-      functools.partial(_dkdv_kernel, **kwargs),
+      functools.partial(_dkdv_kernel, interpret=interpret is not None,
+                        **kwargs),
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
                 jax.ShapeDtypeStruct(v.shape, dtype)),
       scratch_types=[
@@ -300,10 +386,19 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
           plgpu.SMEM((stages, bq), jnp.float32),  # lse2
           plgpu.SMEM((stages, bq), jnp.float32),  # delta
           staging(bq),
-          per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed],
+          # Fused: dS^T of both consumers, two turns; each one's dQ tile.
+          fm.smem((2, fm.NUM_CONSUMERS, fm.ROWS_WG, bq), dtype)
+          if fused else None,
+          fm.smem(wg_tile, jnp.float32) if fused else None,
+          per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
+          plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
+          plgpu.Barrier(num_barriers=2),
+          per_wg if fused and interpret else None],
       grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
       **mesh,
-  )(q, k, v, do, lse2, delta)
+  )(q, k, v, do, lse2, delta, *([dq_acc] if fused else []))
+  if fused:
+    return (jax.freeze(dq_acc) * sm_scale).astype(dtype), dk, dv
 
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, **kwargs),

@@ -25,6 +25,7 @@ import pytest
 from kernels import flash_mosaic
 from kernels import flash_mosaic_vjp
 from kernels.flash_mosaic import MosaicConfig
+from kernels.flash_mosaic_vjp import MosaicBwdConfig
 from kernels.reference import reference_attention
 from test_flash_attention import (TOL, Case, _check, _has_empty_rows,
                                   _inputs, check_with_grads)
@@ -62,12 +63,19 @@ FWD_CASES = [
     (Case(1, 256, 256, 2, 2, 128, True), MosaicConfig(64, 2)),
     (Case(1, 128, 384, 2, 2, 80, True, jnp.float16), MosaicConfig(128, 2)),
     (Case(1, 384, 128, 4, 2, 96, True), MosaicConfig(64, 3)),     # no-key rows
+    # FA3 scheduling: ping-pong, intra-warpgroup overlap, both.
+    (Case(1, 256, 256, 2, 1, 64, True), MosaicConfig(64, 2, pingpong=True)),
+    (Case(1, 384, 128, 2, 2, 96, True), MosaicConfig(64, 2, overlap=True)),
+    (Case(1, 128, 256, 2, 2, 80, False, jnp.float16),
+     MosaicConfig(64, 3, pingpong=True, overlap=True)),
 ] + _random_cases(1)
 
 
 def _case_id(case_config):
   case, config = case_config
-  return f'{case}_k{config.block_k}s{config.num_stages}'
+  return (f'{case}_k{config.block_k}s{config.num_stages}'
+          f'{"_pingpong" if config.pingpong else ""}'
+          f'{"_overlap" if config.overlap else ""}')
 
 
 @pytest.fixture(autouse=True)
@@ -98,8 +106,17 @@ BWD_CASES = [
 ]
 
 
-@pytest.mark.parametrize('case', BWD_CASES, ids=str)
-def test_bwd_interpret_matches_reference_vjp(case):
+FUSED = MosaicBwdConfig(fused=True)
+BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
+    (BWD_CASES[0], FUSED), (BWD_CASES[3], FUSED),
+    (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
+]
+
+
+@pytest.mark.parametrize('case,config', BWD_CONFIGS,
+                         ids=[f'{c}{"_fused" if f else ""}'
+                              for c, f in BWD_CONFIGS])
+def test_bwd_interpret_matches_reference_vjp(case, config):
   """The backward alone, fed the reference's o and lse (as ring attention
   feeds global ones); dlse where every row sees a key."""
   q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(6))
@@ -112,18 +129,22 @@ def test_bwd_interpret_matches_reference_vjp(case):
   want = vjp((do, dlse))
   got = flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, dlse,
                                    sm_scale=case.head_dim**-0.5,
-                                   causal=case.causal, interpret=True)
+                                   causal=case.causal, interpret=True,
+                                   config=config)
   for name, g, g_ref in zip(('dq', 'dk', 'dv'), got, want):
     _check(name, g, g_ref, TOL[case.dtype])
 
 
-def test_fwd_interpret_no_races():
+@pytest.mark.parametrize('config', [
+    MosaicConfig(64, 2), MosaicConfig(64, 2, pingpong=True, overlap=True)],
+                         ids=['plain', 'pingpong_overlap'])
+def test_fwd_interpret_no_races(config):
   """The interpreter's happens-before race detector over the mbarrier
   protocol (TMA writes vs. reads of the K/V slots and the Q/O tile)."""
   case = Case(1, 128, 256, 2, 1, 64, True)
   q, k, v, *_ = _inputs(case, jax.random.PRNGKey(1))
   flash_mosaic.flash_fwd(
-      q, k, v, sm_scale=0.125, causal=True, config=MosaicConfig(64, 2),
+      q, k, v, sm_scale=0.125, causal=True, config=config,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
   assert not gpu_callbacks.get_races().races_found
 
@@ -183,6 +204,40 @@ def test_lowers_for_sm90(head_dim, causal):
 
   text = _lowered_for_sm90(fwd_bwd, q, k, k, q, lse)
   assert text.count('mosaic_gpu') >= 3
+
+
+@pytest.mark.parametrize('head_dim', flash_mosaic.HEAD_DIMS)
+@pytest.mark.parametrize('causal', [False, True])
+def test_variants_lower_for_sm90(head_dim, causal):
+  """The sweep's variants, GPU build: ping-pong + overlap forward at the
+  largest key block, and the fused backward where it runs; the interpreter
+  lacks the accumulator store (overlap) and TMA reduce-add (fused) that
+  only this build uses."""
+  q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
+  kwargs = dict(sm_scale=0.1, causal=causal, interpret=False)
+  fused = head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS
+
+  def fwd_bwd(q, k, v, do):
+    o, lse = flash_mosaic.flash_fwd(
+        q, k, v, config=MosaicConfig(128, 2, pingpong=True, overlap=True),
+        **kwargs)
+    return flash_mosaic_vjp.flash_bwd(
+        q, k, v, o, lse, do, None, config=MosaicBwdConfig(fused=fused),
+        **kwargs)
+
+  assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
+
+
+def test_fused_needs_head_dim_64_or_128():
+  q = jax.ShapeDtypeStruct((1, 256, 2, 80), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
+  with pytest.raises(ValueError, match=r'fused backward needs head_dim'):
+    _lowered_for_sm90(lambda q, lse: flash_mosaic_vjp.flash_bwd(
+        q, q, q, q, lse, q, None, sm_scale=0.1, causal=False,
+        interpret=False, config=FUSED), q, lse)
+  with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
+    MosaicBwdConfig(block_q=128, fused=True)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -308,3 +363,28 @@ def test_gpu_auto_picks_mosaic_on_hopper():
   q, k, _ = _arrays(seq_q=1024, seq_kv=1024, head_dim=128)
   want = 'mosaic' if fa._on_hopper() else 'triton'
   assert fa._choose_backend('auto', q, k, False, None) == want
+
+
+# Variants of the benchmark sweep (benchmarks/attention.py --sweep_mosaic)
+# through the public API, gradients included.
+GPU_VARIANTS = [
+    fa.MosaicTuning(fwd=MosaicConfig(128, 2, pingpong=True)),
+    fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True)),
+    fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
+                    bwd=FUSED),
+]
+GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
+                     Case(1, 1024, 1024, 8, 2, 128, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason=GPU_ONLY)
+@pytest.mark.parametrize('variant', GPU_VARIANTS, ids=str)
+@pytest.mark.parametrize('case', GPU_VARIANT_CASES, ids=str)
+def test_gpu_variants_match_reference(case, variant):
+  q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(7))
+  with_lse = not _has_empty_rows(case, None, case.seq_q, case.seq_kv)
+  ours = functools.partial(fa.flash_attention, backend='mosaic',
+                           mosaic_config=variant)
+  check_with_grads(ours, q, k, v, do, dlse, with_lse=with_lse,
+                   tol=TOL[case.dtype], lse_tol=1e-4, causal=case.causal)
