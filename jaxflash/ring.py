@@ -322,6 +322,13 @@ def _local_attention_fwd(static, q, k, v, q_seg, kv_seg):
 
 def _local_attention_bwd(static, residuals, do):
   q, k, v, o, lse, q_seg, kv_seg = residuals
+  # The backward ring's hops and stacked blocks repeat the forward's exactly:
+  # XLA's CSE would merge them, and a scheduler may run them early, either way
+  # keeping every layer's N-1 received K/V chunks alive from the forward to
+  # the backward (memory per device growing with N, not the local sequence).
+  # Behind a barrier with dO they are new values that wait for the backward.
+  q, k, v, q_seg, kv_seg, do = jax.lax.optimization_barrier(
+      (q, k, v, q_seg, kv_seg, do))
   dq, dk, dv = _ring_bwd(q, k, v, o, lse, do, q_seg, kv_seg, **static)
   return dq, dk, dv, None, None
 
