@@ -231,17 +231,15 @@ def sweep(shape, causal):
 def mosaic_variants(head_dim):
   """(part, MosaicTuning): the forward's FA3 scheduling knobs and key blocks,
   then the backward's (fused or block sizes), each around the defaults."""
-  fwd = [MosaicConfig.default(head_dim)]
-  base = fwd[0]
-  fwd += [dataclasses.replace(base, pingpong=True),
-          dataclasses.replace(base, overlap=True),
-          dataclasses.replace(base, pingpong=True, overlap=True),
-          MosaicConfig(64, 4, pingpong=True, overlap=True)]
+  base = MosaicConfig(128, 3 if head_dim <= 64 else 2)
+  fwd = [base, dataclasses.replace(base, pingpong=True),
+         dataclasses.replace(base, overlap=True),
+         dataclasses.replace(base, pingpong=True, overlap=True),
+         MosaicConfig(64, 4, pingpong=True, overlap=True)]
   # d64: a 256-key block fits (S is 128 registers a thread): no overlap.
   fwd.append(MosaicConfig(256, 2, pingpong=True) if head_dim <= 64 else
              MosaicConfig(64, 4, pingpong=True))
-  bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
-         MosaicBwdConfig(num_stages=3)]
+  bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
@@ -261,16 +259,18 @@ def describe_mosaic(part, tuning):
           f'{" fused" if c.fused else ""}')
 
 
-def sweep_mosaic(shape, causal):
-  """Each Mosaic variant's forward or backward alone, after checking it
-  (forward and backward) against the f32 reference; cuDNN's forward and
-  forward+backward for scale."""
+def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):
+  """Each Mosaic variant's forward or backward alone (those of `parts`),
+  after checking it (forward and backward) against the f32 reference;
+  cuDNN's forward and forward+backward for scale."""
   q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
   flops = fwd_flops(shape, causal)
   o, lse = flash_attention_fwd(q, k, v, causal=causal, backend='mosaic')
   want = reference_outputs(shape, causal)
   records = []
   for part, tuning in mosaic_variants(shape.head_dim):
+    if part not in parts:
+      continue
     name = describe_mosaic(part, tuning)
     record = dict(shape=shape.name, causal=causal, part=part, variant=name)
     try:
@@ -319,6 +319,10 @@ def print_sweep_mosaic(records):
         best[r['part']] = r
     ref = next((r for r in rows if r['part'] == 'cudnn' and 'error' not in r),
                None)
+    if 'bwd' in best and ref:  # cuDNN's backward: its fwd+bwd less its fwd
+      print(f'  best bwd: {best["bwd"]["variant"]}: '
+            f'{(ref["fwdbwd_ms"] - ref["fwd_ms"]) / best["bwd"]["ms"]:.2f}x '
+            'cuDNN\'s backward')
     if 'fwd' in best and 'bwd' in best and ref:
       fwdbwd = best['fwd']['ms'] + best['bwd']['ms']
       print(f'  best: {best["fwd"]["variant"]} + {best["bwd"]["variant"]}: '
@@ -358,6 +362,8 @@ def main():
   parser.add_argument('--sweep_mosaic', action='store_true',
                       help='time the Mosaic kernels\' knobs (default shapes '
                       f'{",".join(SWEEP_MOSAIC)})')
+  parser.add_argument('--mosaic_parts', default='fwd,bwd',
+                      help='with --sweep_mosaic: fwd, bwd or both')
   parser.add_argument('--no-check', action='store_true')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results'))
@@ -386,7 +392,8 @@ def main():
       if args.sweep:
         records += sweep(shape, causal)
       elif args.sweep_mosaic:
-        records += sweep_mosaic(shape, causal)
+        records += sweep_mosaic(shape, causal,
+                                args.mosaic_parts.split(','))
       else:
         records += compare(shape, causal, impls,
                            check_ours=not args.no_check)

@@ -82,11 +82,11 @@ class MosaicTuning:
   bwd: MosaicBwdConfig | None = None
 
   def block_k(self, head_dim):
-    """The largest key block the kernels step by: seq_kv must be a multiple."""
-    fwd = self.fwd or MosaicConfig.default(head_dim)
-    bwd = self.bwd or MosaicBwdConfig()
-    return max(fwd.block_k, flash_mosaic_vjp.BLOCK_K,
-               0 if bwd.fused else bwd.block_k)
+    """The largest key block the kernels step by: seq_kv must be a multiple
+    (the default forward takes 128 keys where 256 do not divide seq_kv)."""
+    bwd = self.bwd or MosaicBwdConfig.default(head_dim)
+    return max(self.fwd.block_k if self.fwd else 128,
+               flash_mosaic_vjp.BLOCK_K, 0 if bwd.fused else bwd.block_k)
 
 
 def _check_segments(segment_ids, q, k):

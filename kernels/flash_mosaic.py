@@ -63,10 +63,16 @@ class MosaicConfig:
   overlap: bool = False
 
   @classmethod
-  def default(cls, head_dim):
+  def default(cls, head_dim, causal, seq_kv):
+    """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01); the
+    key block is 128 unless a 256 one divides seq_kv."""
+    if head_dim <= 64:  # ping-pong; a 256-key block only without the mask
+      if not causal and seq_kv % 256 == 0:
+        return cls(256, 2, pingpong=True)
+      return cls(128, 3, pingpong=True)
     # Shared memory (bf16): Q/O 128 x d, plus stages x 2 x block_k x d for
     # K and V: d128 with 3 stages would need 224 KiB of the 227.
-    return cls(block_k=128, num_stages=3 if head_dim <= 64 else 2)
+    return cls(block_k=128, num_stages=2, overlap=True)
 
 
 def unsupported(q, k, *, has_segments, block_k=MosaicConfig.block_k):
@@ -406,7 +412,7 @@ def flash_fwd(q, k, v, *, sm_scale, causal, interpret, config=None):
   unsupported() is None. interpret=True: Mosaic GPU interpret mode (CPU)."""
   batch, seq_q, heads, head_dim = q.shape
   group = heads // k.shape[2]
-  config = config or MosaicConfig.default(head_dim)
+  config = config or MosaicConfig.default(head_dim, causal, k.shape[1])
   stages, block_k = config.num_stages, config.block_k
   rows_tile = (NUM_CONSUMERS, ROWS_WG, head_dim)
   kv_tile = (stages, block_k, head_dim)

@@ -27,6 +27,7 @@ BLOCK_K = fm.ROWS_WG * fm.NUM_CONSUMERS  # keys per dK/dV CTA
 # dQ = dS K takes both operands from smem, which Mosaic's wgmma needs equally
 # swizzled: dS^T rows (64 queries) take 128 B, so K rows must too.
 FUSED_HEAD_DIMS = (64, 128)
+DQ_COLS = 64  # fused dQ is computed and reduced in parts of 64 columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +38,23 @@ class MosaicBwdConfig:
   num_stages: slots of each streamed tile.
   fused: no dQ kernel: the dK/dV kernel also computes dQ = dS K (5 matmuls
     instead of 7, no second exp of S) and adds it into a float32 dQ in HBM
-    with TMA reduce-adds. The two consumers take turns (even steps warpgroup
-    0, odd ones 1): each writes its 64 keys' dS^T to a shared smem tile, the
-    one whose turn it is multiplies all 128 keys, so one reduce per step.
-    Needs block_q == 64 (wgmma's M) and an extra float32 pass over dQ.
+    with TMA reduce-adds. Both consumers write their 64 keys' dS^T to a
+    shared smem tile; dQ over all 128 keys is computed in 64-column parts
+    (dq_step). Needs block_q == 64 (wgmma's M), head_dim in
+    FUSED_HEAD_DIMS, and an extra float32 pass over dQ.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
+
+  @classmethod
+  def default(cls, head_dim):
+    """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01): fused
+    at d64; at d128 the fused kernel is 1.2x slower than two kernels."""
+    if head_dim <= 64:
+      return cls(num_stages=3, fused=True)
+    return cls(block_k=128)
 
   def __post_init__(self):
     if self.fused and self.block_q != fm.ROWS_WG:
@@ -82,8 +91,8 @@ def _add_to_gmem(x, dst, smem_ref, bar, interpret):
     plgpu.copy_gmem_to_smem(dst, smem_ref, bar)
     plgpu.barrier_wait(bar)
     x = x + smem_ref[...]
-  else:  # the previous reduce has read smem_ref
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  else:  # smem_ref is one of two buffers: the reduce before last read it
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
   smem_ref[...] = x
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(smem_ref, dst,
@@ -113,39 +122,40 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   per_head = num_q - lo
 
   def dq_step(step, g, i, ds_t):
-    """Fused: dS^T to the shared tile; on this warpgroup's turn, dQ of the
-    step's query rows against all the CTA's keys, added into dq_ref."""
-    buf = lax.rem(step, 2)  # = the warpgroup whose turn it is
+    """Fused: dS^T to the shared tile, then dQ of the step's query rows
+    against all the CTA's keys in 64-column parts, each added into dq_ref:
+    part p on warpgroup (step + p) % 2, so at d64 the two take turns and at
+    d128 each computes half of the columns every step (a 64 x 64 float32
+    accumulator, not 64 x 128, beside dK and dV)."""
+    buf = lax.rem(step, 2)
 
     @pl.when(step >= 2)
-    def _():  # the turn two steps back has read this buffer
+    def _():  # the readers two steps back are done with this buffer
       plgpu.barrier_wait(ds_free.at[buf])
 
     ds_smem.at[buf, wg][...] = ds_t
     plgpu.commit_smem()
     plgpu.barrier_arrive(ds_ready.at[buf])
+    for part in range(head_dim // DQ_COLS):
 
-    @pl.when(wg == buf)
-    def _():
-      plgpu.barrier_wait(ds_ready.at[buf])
+      @pl.when(lax.rem(step + part, 2) == wg)
+      def _():
+        plgpu.barrier_wait(ds_ready.at[buf])
+        cols = pl.ds(part * DQ_COLS, DQ_COLS)
 
-      def scope(acc_ref):
-        for w in range(fm.NUM_CONSUMERS):
-          plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w])
-        return acc_ref[...]
+        def scope(acc_ref):
+          for w in range(fm.NUM_CONSUMERS):
+            plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
+          return acc_ref[...]
 
-      dq = pl.run_scoped(scope, plgpu.ACC((bq, head_dim), jnp.float32))
-      plgpu.barrier_arrive(ds_free.at[buf])
-      dst = dq_ref.at[b, pl.ds(i * bq, bq), kv_h * group + g]
-      _add_to_gmem(dq, dst, dq_smem.at[wg],
-                   None if dq_bar is None else dq_bar.at[wg], interpret)
+        dq = pl.run_scoped(scope, plgpu.ACC((bq, DQ_COLS), jnp.float32))
+        plgpu.barrier_arrive(ds_free.at[buf])
+        dst = dq_ref.at[b, pl.ds(i * bq, bq), kv_h * group + g, cols]
+        _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
+                     None if dq_bar is None else dq_bar.at[wg], interpret)
 
-  def body(masked, g, i, carry):
-    dk, dv = carry
-    step = g * per_head + i - lo
-    slot = lax.rem(step, stages)
-    plgpu.barrier_wait(q_ready.at[slot])
-    s_t = fm.mma(k_smem, q_smem.at[slot].T, st_shape)
+  def scores(masked, i, slot, s_t):
+    """P^T from raw S^T, masked on the diagonal."""
     if masked:
       q_pos = i * bq + fm.wgmma_iota(st_shape, 1)
       s_t = jnp.where(k_pos <= q_pos + causal_offset, s_t, fm.NEG_INF)
@@ -153,17 +163,44 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     # lse2 = +inf for rows that saw no key: P = 0 there.
     lse2 = lax.broadcast_in_dim(_row_stats(lse2_smem.at[slot], 0), st_shape,
                                 (1,))
-    p_t = jnp.exp2(s_t * scale - lse2)
-    plgpu.barrier_wait(do_ready.at[slot])
-    dv = dv + fm.mma(fm.stage_lhs(p_t.astype(dtype), stage), do_smem.at[slot],
-                     (fm.ROWS_WG, head_dim))
-    dp_t = fm.mma(v_smem, do_smem.at[slot].T, st_shape)
+    return jnp.exp2(s_t * scale - lse2)
+
+  def grad_scores(slot, p_t, dp_t):
     plgpu.barrier_wait(delta_ready.at[slot])
     delta = lax.broadcast_in_dim(_row_stats(delta_smem.at[slot], 0),
                                  st_shape, (1,))
-    ds_t = (p_t * (dp_t - delta)).astype(dtype)
-    dk = dk + fm.mma(fm.stage_lhs(ds_t, stage), q_smem.at[slot],
-                     (fm.ROWS_WG, head_dim))
+    return (p_t * (dp_t - delta)).astype(dtype)
+
+  def body(masked, g, i, carry):
+    """S^T and dP^T issued back to back; P^T computed while dP^T runs, dS^T
+    while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
+    accumulators, so no second register tile)."""
+    dk, dv = carry
+    step = g * per_head + i - lo
+    slot = lax.rem(step, stages)
+    plgpu.barrier_wait(q_ready.at[slot])
+    plgpu.barrier_wait(do_ready.at[slot])
+
+    def scope(s_ref, dp_ref, dv_ref, dk_ref):
+      plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
+      plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
+      p_t = scores(masked, i, slot,
+                   plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+      fm.seed_acc(dv_ref, dv, interpret)
+      plgpu.wgmma(dv_ref, fm.stage_lhs(p_t.astype(dtype), stage),
+                  do_smem.at[slot])
+      ds_t = grad_scores(slot, p_t,
+                         plgpu.wgmma_accumulator_load(dp_ref, wait_n=1))
+      fm.seed_acc(dk_ref, dk, interpret)
+      plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
+      return (fm.read_acc(dk_ref, dk, interpret),
+              fm.read_acc(dv_ref, dv, interpret), ds_t)
+
+    o_shape = (fm.ROWS_WG, head_dim)
+    dk, dv, ds_t = pl.run_scoped(
+        scope, plgpu.ACC(st_shape, jnp.float32),
+        plgpu.ACC(st_shape, jnp.float32), plgpu.ACC(o_shape, jnp.float32),
+        plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
     if config.fused:
       dq_step(step, g, i, ds_t)
@@ -173,8 +210,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     if causal_offset is not None:
       carry = lax.fori_loop(lo, first_full,
                             functools.partial(body, True, g), carry)
-    return lax.fori_loop(first_full, num_q, functools.partial(body, False, g),
-                         carry)
+    return lax.fori_loop(first_full, num_q,
+                         functools.partial(body, False, g), carry)
 
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
@@ -255,7 +292,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,
 
 
 def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
-                 causal_offset, block_k, num_stages):
+                 causal_offset, block_k, num_stages, interpret):
   q_ref, do_ref, lse2_ref, delta_ref, dq_ref = refs
   q_smem, do_smem, k_smem, v_smem, stage = smem
   q_bar, do_bar, k_ready, v_ready, k_free, v_free = bars
@@ -273,19 +310,33 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
   delta = fm.rows_col(_row_stats(delta_ref.at[vec], 1, gmem=True), s_shape)
   q_pos = rows + fm.wgmma_iota(s_shape, 0)
 
-  def body(masked, j, dq):
-    slot = lax.rem(j, num_stages)
-    plgpu.barrier_wait(k_ready.at[slot])
-    s = fm.mma(q_smem, k_smem.at[slot].T, s_shape)
+  def probs(masked, j, s):
     if masked:
       k_pos = j * block_k + fm.wgmma_iota(s_shape, 1)
       s = jnp.where(k_pos <= q_pos + causal_offset, s, fm.NEG_INF)
-    p = jnp.exp2(s * scale - lse2)
+    return jnp.exp2(s * scale - lse2)
+
+  def body(masked, j, dq):
+    """S and dP issued back to back, P computed while dP runs; dQ
+    accumulates in place."""
+    slot = lax.rem(j, num_stages)
+    plgpu.barrier_wait(k_ready.at[slot])
     plgpu.barrier_wait(v_ready.at[slot])
-    dp = fm.mma(do_smem, v_smem.at[slot].T, s_shape)
-    plgpu.barrier_arrive(v_free.at[slot])
-    ds = fm.stage_lhs((p * (dp - delta)).astype(dtype), stage)
-    dq = dq + fm.mma(ds, k_smem.at[slot], (fm.ROWS_WG, head_dim))
+
+    def scope(s_ref, dp_ref, acc_ref):
+      plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+      plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].T)
+      p = probs(masked, j, plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+      dp = plgpu.wgmma_accumulator_load(dp_ref)
+      plgpu.barrier_arrive(v_free.at[slot])
+      fm.seed_acc(acc_ref, dq, interpret)
+      plgpu.wgmma(acc_ref, fm.stage_lhs((p * (dp - delta)).astype(dtype),
+                                        stage), k_smem.at[slot])
+      return fm.read_acc(acc_ref, dq, interpret)
+
+    dq = pl.run_scoped(scope, plgpu.ACC(s_shape, jnp.float32),
+                       plgpu.ACC(s_shape, jnp.float32),
+                       plgpu.ACC((fm.ROWS_WG, head_dim), jnp.float32))
     plgpu.barrier_arrive(k_free.at[slot])
     return dq
 
@@ -301,7 +352,7 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref,
-               *scratch, sm_scale, causal, group, config):
+               *scratch, sm_scale, causal, group, config, interpret):
   smem, bars = scratch[:5], scratch[5:]
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   block_k, num_stages = config.block_k, config.num_stages
@@ -320,7 +371,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref,
     _dq_consumer((q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
                  wg=wg, b=b, h=h, q_start=q_start, steps=steps,
                  sm_scale=sm_scale, causal_offset=causal_offset,
-                 block_k=block_k, num_stages=num_stages)
+                 block_k=block_k, num_stages=num_stages,
+                 interpret=interpret)
 
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
@@ -342,7 +394,7 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   batch, seq_q, heads, head_dim = q.shape
   seq_kv, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
-  config = config or MosaicBwdConfig()
+  config = config or MosaicBwdConfig.default(head_dim)
   bq, bk, stages = config.block_q, config.block_k, config.num_stages
   dtype = q.dtype
   # dS = P * (dP - delta) + dlse * P: the lse cotangent folds into delta.
@@ -389,10 +441,14 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
           # Fused: dS^T of both consumers, two turns; each one's dQ tile.
           fm.smem((2, fm.NUM_CONSUMERS, fm.ROWS_WG, bq), dtype)
           if fused else None,
-          fm.smem(wg_tile, jnp.float32) if fused else None,
+          # Fused: each consumer's dQ parts, two buffers (a reduce-add in
+          # flight reads one while the next part is written to the other).
+          fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
+          if fused else None,
           per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
-          plgpu.Barrier(num_barriers=2),
+          # ds_free: one arrival per dQ part read from the buffer.
+          plgpu.Barrier(num_arrivals=head_dim // DQ_COLS, num_barriers=2),
           per_wg if fused and interpret else None],
       grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
       **mesh,
@@ -401,7 +457,8 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
     return (jax.freeze(dq_acc) * sm_scale).astype(dtype), dk, dv
 
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, **kwargs),
+      functools.partial(_dq_kernel, interpret=interpret is not None,
+                        **kwargs),
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=[
           fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # Q then dQ, dO

@@ -107,14 +107,21 @@ BWD_CASES = [
 
 
 FUSED = MosaicBwdConfig(fused=True)
+TWO_KERNELS = MosaicBwdConfig(block_k=128)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
-    (BWD_CASES[0], FUSED), (BWD_CASES[3], FUSED),
+    (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
 ]
 
 
+def _bwd_config_id(config):
+  if config is None:
+    return ''
+  return '_fused' if config.fused else f'_dq_k{config.block_k}'
+
+
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
-                         ids=[f'{c}{"_fused" if f else ""}'
+                         ids=[f'{c}{_bwd_config_id(f)}'
                               for c, f in BWD_CONFIGS])
 def test_bwd_interpret_matches_reference_vjp(case, config):
   """The backward alone, fed the reference's o and lse (as ring attention
@@ -372,14 +379,26 @@ GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True)),
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
+    fa.MosaicTuning(bwd=TWO_KERNELS),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False)]
 
 
+def _variant_id(tuning):
+  parts = []
+  if tuning.fwd is not None:
+    parts.append(f'fwd_k{tuning.fwd.block_k}'
+                 f'{"_pingpong" if tuning.fwd.pingpong else ""}'
+                 f'{"_overlap" if tuning.fwd.overlap else ""}')
+  if tuning.bwd is not None:
+    parts.append('bwd' + _bwd_config_id(tuning.bwd))
+  return '-'.join(parts)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason=GPU_ONLY)
-@pytest.mark.parametrize('variant', GPU_VARIANTS, ids=str)
+@pytest.mark.parametrize('variant', GPU_VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize('case', GPU_VARIANT_CASES, ids=str)
 def test_gpu_variants_match_reference(case, variant):
   q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(7))
