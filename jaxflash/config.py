@@ -17,6 +17,7 @@ GPT3_SIZES = {
 }
 
 ATTENTION_IMPLS = ('auto', 'xla', 'flash')
+FLASH_BACKENDS = ('triton', 'mosaic', 'auto')  # kernels.flash_attention's
 # none; full: recompute each block; save_attention: recompute each block but
 # keep attention's output and lse (the attention forward never re-runs);
 # dots: keep matmul outputs.
@@ -54,6 +55,9 @@ def default_config():
   c.model.dropout = 0.0
   # 'auto': the Pallas flash kernel on GPU, the XLA reference elsewhere.
   c.model.attention_impl = 'auto'
+  # The flash kernels' backend: 'triton' (any GPU), 'mosaic' (Hopper) or
+  # 'auto' (mosaic on compute capability 9.x where the shape allows).
+  c.model.flash_backend = 'triton'
   c.model.dtype = 'bfloat16'  # compute; parameters stay float32
   c.model.remat = 'none'  # one of REMAT_POLICIES
   # Positions' logits computed at a time in the loss: 1/loss_chunks of them.
@@ -154,6 +158,8 @@ def validate(config, num_devices):
          f'{m.n_head} does not divide model.d_model={m.d_model}')
   _check(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
          f'{m.attention_impl!r} is not one of {ATTENTION_IMPLS}')
+  _check(m.flash_backend in FLASH_BACKENDS, 'model.flash_backend',
+         f'{m.flash_backend!r} is not one of {FLASH_BACKENDS}')
   _check(m.dtype in DTYPES, 'model.dtype',
          f'{m.dtype!r} is not one of {DTYPES}')
   _check(m.remat in REMAT_POLICIES, 'model.remat',

@@ -30,6 +30,7 @@ class ModelConfig:
   scale_attn_by_inverse_layer_idx: bool = True
   dropout: float = 0.0
   attention_impl: str = 'xla'  # resolved: 'xla' or 'flash'
+  flash_backend: str = 'triton'  # the flash kernels': triton, mosaic, auto
   dtype: str = 'bfloat16'
   remat: str = 'none'
   loss_chunks: int = 1
@@ -130,7 +131,8 @@ class Block(nnx.Module):
     q, k, v = self._qkv(x_BxTxD)
     y_BxTxHxK = attention(q, k, v, impl=cfg.attention_impl, causal=True,
                           sm_scale=self._sm_scale(),
-                          seq_parallel=cfg.seq_parallel)
+                          seq_parallel=cfg.seq_parallel,
+                          backend=cfg.flash_backend)
     return self._after_attention(x_BxTxD, y_BxTxHxK, keys)
 
   def prefill(self, x_BxTxD, cache_len):
@@ -139,7 +141,8 @@ class Block(nnx.Module):
     cfg = self.cfg
     q, k, v = self._qkv(x_BxTxD)
     y_BxTxHxK = attention(q, k, v, impl=cfg.attention_impl, causal=True,
-                          sm_scale=self._sm_scale())
+                          sm_scale=self._sm_scale(),
+                          backend=cfg.flash_backend)
     pad = ((0, 0), (0, cache_len - x_BxTxD.shape[1]), (0, 0), (0, 0))
     return (self._after_attention(x_BxTxD, y_BxTxHxK),
             (jnp.pad(k, pad), jnp.pad(v, pad)))

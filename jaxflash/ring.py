@@ -115,11 +115,11 @@ def _validate(q, k, v, mesh, seq_axis, layout, segment_ids):
                      f'{segment_ids.shape}')
 
 
-def _block_fwd(q, k, v, q_seg, kv_seg, *, causal, sm_scale, impl):
+def _block_fwd(q, k, v, q_seg, kv_seg, *, causal, sm_scale, impl, backend):
   segments = None if q_seg is None else (q_seg, kv_seg)
   if impl == 'flash':
     o, lse = flash_attention_fwd(q, k, v, causal=causal, sm_scale=sm_scale,
-                                 segment_ids=segments,
+                                 segment_ids=segments, backend=backend,
                                  interpret=jax.default_backend() != 'gpu')
   else:
     o, lse = reference_attention(q, k, v, causal=causal, sm_scale=sm_scale,
@@ -127,10 +127,11 @@ def _block_fwd(q, k, v, q_seg, kv_seg, *, causal, sm_scale, impl):
   return o.astype(jnp.float32), lse
 
 
-def _block_bwd(q, k, v, o, lse, do, q_seg, kv_seg, *, causal, sm_scale, impl):
+def _block_bwd(q, k, v, o, lse, do, q_seg, kv_seg, *, causal, sm_scale, impl,
+               backend):
   segments = None if q_seg is None else (q_seg, kv_seg)
   fn = flash_attention_bwd if impl == 'flash' else reference_attention_bwd
-  kwargs = ({'interpret': jax.default_backend() != 'gpu'}
+  kwargs = ({'interpret': jax.default_backend() != 'gpu', 'backend': backend}
             if impl == 'flash' else {})
   grads = fn(q, k, v, o, lse, do, causal=causal, sm_scale=sm_scale,
              segment_ids=segments, **kwargs)
@@ -233,9 +234,10 @@ def _pass_on(x, axis, perm, communicate):
 
 
 def _ring_fwd(q, k, v, q_seg, kv_seg, *, axis, n, causal, layout, sm_scale,
-              impl, communicate):
+              impl, backend, communicate):
   i = jax.lax.axis_index(axis)
-  block = functools.partial(_block_fwd, sm_scale=sm_scale, impl=impl)
+  block = functools.partial(_block_fwd, sm_scale=sm_scale, impl=impl,
+                            backend=backend)
   b, s, h, d = q.shape
   empty = (jnp.zeros((b, s, h, d), jnp.float32),
            jnp.full((b, h, s), -jnp.inf, jnp.float32))
@@ -270,9 +272,10 @@ def _ring_fwd(q, k, v, q_seg, kv_seg, *, axis, n, causal, layout, sm_scale,
 
 
 def _ring_bwd(q, k, v, o, lse, do, q_seg, kv_seg, *, axis, n, causal, layout,
-              sm_scale, impl, communicate):
+              sm_scale, impl, backend, communicate):
   i = jax.lax.axis_index(axis)
-  block = functools.partial(_block_bwd, sm_scale=sm_scale, impl=impl)
+  block = functools.partial(_block_bwd, sm_scale=sm_scale, impl=impl,
+                            backend=backend)
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
 
   def diagonal(q, k, v, o, lse, do, q_seg, kv_seg):
@@ -342,13 +345,14 @@ def _make_local(static):
 
 def ring_attention(q, k, v, *, mesh, seq_axis='seq', causal=True,
                    sm_scale=None, segment_ids=None, layout='natural',
-                   impl='xla', communicate=True):
+                   impl='xla', backend='triton', communicate=True):
   """Exact attention of global [batch, seq, heads, head_dim] arrays.
 
   The sequence axis is sharded over the mesh axis `seq_axis` in `layout`
   order (see the module docstring; `to_layout` converts), the batch over the
   mesh's other axes. `impl` picks the per-block kernel: 'flash' (the Pallas
-  FlashAttention-2 kernel) or 'xla' (the pure-JAX reference).
+  FlashAttention-2 kernel, on the kernels' `backend`: 'triton', 'mosaic' or
+  'auto') or 'xla' (the pure-JAX reference).
   communicate=False keeps every K/V chunk at home (wrong results, the same
   compute): benchmarks time it to show how much transfer time is hidden.
   """
@@ -359,7 +363,8 @@ def ring_attention(q, k, v, *, mesh, seq_axis='seq', causal=True,
     sm_scale = q.shape[-1] ** -0.5
   n = mesh.shape[seq_axis]
   static = dict(axis=seq_axis, n=n, causal=causal, layout=layout,
-                sm_scale=sm_scale, impl=impl, communicate=communicate)
+                sm_scale=sm_scale, impl=impl, backend=backend,
+                communicate=communicate)
   head_axis = TENSOR_AXIS if TENSOR_AXIS in mesh.axis_names else None
   spec = P(batch_axes(mesh, seq_axis), seq_axis, head_axis)
   seg_spec = (P(batch_axes(mesh, seq_axis), seq_axis)

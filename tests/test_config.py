@@ -26,6 +26,7 @@ def test_default_config_is_valid():
     ('model.n_head', 5, 1),
     ('data.seq_len', 256, 1),
     ('model.attention_impl', 'cuda', 1),
+    ('model.flash_backend', 'cudnn', 1),
     ('model.dtype', 'int8', 1),
     ('optimizer.schedule', 'step', 1),
     ('optimizer.warmup_steps', 10**9, 1),

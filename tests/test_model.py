@@ -91,6 +91,18 @@ def test_overfits_a_fixed_batch(accum_steps):
   assert losses[-1] < 0.2 * losses[0]
 
 
+def _loss_and_grads(config, tokens, key, values):
+  """(loss, grads) of the same initial GPT for each value of model.<key>."""
+  results = []
+  for value in values:
+    config.model[key] = value
+    graphdef, params = nnx.split(
+        GPT(trainer.model_config(config), rngs=nnx.Rngs(0)), nnx.Param)
+    results.append(jax.value_and_grad(
+        lambda p, g=graphdef: trainer.loss_fn(g, p, tokens))(params))
+  return results
+
+
 def test_flash_attention_model_matches_xla():
   # The Pallas kernel (interpret mode on CPU) inside the GPT: same loss and
   # gradients as the reference attention.
@@ -98,17 +110,27 @@ def test_flash_attention_model_matches_xla():
   config.model.update(vocab_size=96, max_seq_len=40, d_model=64, n_layer=2,
                       n_head=4, dtype='float32')
   tokens = jax.random.randint(jax.random.key(2), (2, 38), 0, 96)
-  results = []
-  for impl in ('xla', 'flash'):
-    config.model.attention_impl = impl
-    model = GPT(trainer.model_config(config), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    results.append(jax.value_and_grad(
-        lambda p, g=graphdef: trainer.loss_fn(g, p, tokens))(params))
-  (loss_xla, grads_xla), (loss_flash, grads_flash) = results
+  (loss_xla, grads_xla), (loss_flash, grads_flash) = _loss_and_grads(
+      config, tokens, 'attention_impl', ('xla', 'flash'))
   np.testing.assert_allclose(loss_flash, loss_xla, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_flash), jax.tree.leaves(grads_xla)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_flash_backend_reaches_the_kernels():
+  # model.flash_backend=mosaic runs the Hopper kernels (their CPU
+  # interpreter here): the same loss as the Triton kernels, bf16 compute.
+  config = config_lib.default_config()
+  config.model.update(vocab_size=96, max_seq_len=128, d_model=128, n_layer=1,
+                      n_head=2, dtype='bfloat16', attention_impl='flash')
+  tokens = jax.random.randint(jax.random.key(4), (1, 129), 0, 96)
+  (loss, grads), (loss_mosaic, grads_mosaic) = _loss_and_grads(
+      config, tokens, 'flash_backend', ('triton', 'mosaic'))
+  np.testing.assert_allclose(loss_mosaic, loss, rtol=2e-3)
+  for a, b in zip(jax.tree.leaves(grads_mosaic), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=2e-3)
+  with pytest.raises(ValueError, match=r"backend='mosaic' needs seq_q"):
+    _loss_and_grads(config, tokens[:, :101], 'flash_backend', ('mosaic',))
 
 
 def test_casting_matmul_weights_once_keeps_gradients():
@@ -157,14 +179,8 @@ def test_chunked_loss_matches_whole():
   config.model.update(vocab_size=96, max_seq_len=32, d_model=32, n_layer=1,
                       n_head=2, dtype='float32', attention_impl='xla')
   tokens = jax.random.randint(jax.random.key(4), (2, 33), 0, 96)
-  results = []
-  for chunks in (1, 4):
-    config.model.loss_chunks = chunks
-    graphdef, params = nnx.split(
-        GPT(trainer.model_config(config), rngs=nnx.Rngs(0)), nnx.Param)
-    results.append(jax.value_and_grad(
-        lambda p, g=graphdef: trainer.loss_fn(g, p, tokens))(params))
-  (loss, grads), (loss_c, grads_c) = results
+  (loss, grads), (loss_c, grads_c) = _loss_and_grads(
+      config, tokens, 'loss_chunks', (1, 4))
   np.testing.assert_allclose(loss_c, loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
