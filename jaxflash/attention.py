@@ -4,6 +4,7 @@ import jax
 from jaxflash import ring
 from kernels import flash_attention
 from kernels import reference_attention
+from kernels.flash_attention import DEFAULT_BACKEND
 
 IMPLS = ('xla', 'flash')
 
@@ -16,7 +17,8 @@ def resolve_impl(impl):
 
 
 def attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, *, impl, causal=True,
-              sm_scale=None, seq_parallel=1, backend='triton'):
+              sm_scale=None, seq_parallel=1,
+              backend=DEFAULT_BACKEND):
   """Softmax attention; [batch, seq, heads, head_dim] in and out.
 
   With seq_parallel > 1 the sequence is sharded over the mesh axis 'seq' of

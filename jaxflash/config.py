@@ -57,7 +57,7 @@ def default_config():
   c.model.attention_impl = 'auto'
   # The flash kernels' backend: 'triton' (any GPU), 'mosaic' (Hopper) or
   # 'auto' (mosaic on compute capability 9.x where the shape allows).
-  c.model.flash_backend = 'triton'
+  c.model.flash_backend = 'auto'
   c.model.dtype = 'bfloat16'  # compute; parameters stay float32
   c.model.remat = 'none'  # one of REMAT_POLICIES
   # Positions' logits computed at a time in the loss: 1/loss_chunks of them.

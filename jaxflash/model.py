@@ -30,7 +30,7 @@ class ModelConfig:
   scale_attn_by_inverse_layer_idx: bool = True
   dropout: float = 0.0
   attention_impl: str = 'xla'  # resolved: 'xla' or 'flash'
-  flash_backend: str = 'triton'  # the flash kernels': triton, mosaic, auto
+  flash_backend: str = 'auto'  # the flash kernels': triton, mosaic, auto
   dtype: str = 'bfloat16'
   remat: str = 'none'
   loss_chunks: int = 1

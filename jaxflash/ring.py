@@ -28,6 +28,7 @@ from kernels import flash_attention_bwd
 from kernels import flash_attention_fwd
 from kernels import reference_attention
 from kernels import reference_attention_bwd
+from kernels.flash_attention import DEFAULT_BACKEND
 from kernels.flash_attention import RESIDUAL_NAMES
 
 LAYOUTS = ('natural', 'zigzag')
@@ -345,7 +346,8 @@ def _make_local(static):
 
 def ring_attention(q, k, v, *, mesh, seq_axis='seq', causal=True,
                    sm_scale=None, segment_ids=None, layout='natural',
-                   impl='xla', backend='triton', communicate=True):
+                   impl='xla', backend=DEFAULT_BACKEND,
+                   communicate=True):
   """Exact attention of global [batch, seq, heads, head_dim] arrays.
 
   The sequence axis is sharded over the mesh axis `seq_axis` in `layout`

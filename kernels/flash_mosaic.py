@@ -246,6 +246,7 @@ def _softmax_step(s, m, l, *, scale, mask):
 def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
                   o_ref, lse_ref, *, wg, b, h, q_start, steps, sm_scale,
                   causal_offset, config, interpret):
+  """sm_scale: a traced float32 scalar (see scale_input)."""
   q_bar, k_ready, v_ready, k_free, v_free, turn = bars
   p_smem = None if p_smem is None else p_smem.at[wg]
   head_dim = q_ref.shape[-1]
@@ -374,9 +375,9 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem,
-                p_smem, lse_smem, q_bar, k_ready, v_ready, k_free, v_free,
-                turn, *, sm_scale, causal, group, config, interpret):
+def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
+                v_smem, p_smem, lse_smem, q_bar, k_ready, v_ready, k_free,
+                v_free, turn, *, causal, group, config, interpret):
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   block_k, num_stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
@@ -394,7 +395,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem,
     _fwd_consumer(
         q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem,
         (q_bar, k_ready, v_ready, k_free, v_free, turn), o_ref, lse_ref, wg=wg,
-        b=b, h=h, q_start=q_start, steps=steps, sm_scale=sm_scale,
+        b=b, h=h, q_start=q_start, steps=steps, sm_scale=scale_ref[0],
         causal_offset=causal_offset, config=config, interpret=interpret)
 
   @pl.when(wg == NUM_CONSUMERS)
@@ -407,12 +408,26 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem,
             steps[1], num_stages)
 
 
+def scale_input(sm_scale):
+  """sm_scale as a kernel input rather than a constant in the kernel: models
+  scale each layer differently (GPT-2's scale_attn_by_inverse_layer_idx), and
+  one compiled kernel then serves every layer."""
+  return jnp.full((1,), sm_scale, jnp.float32)
+
+
 def flash_fwd(q, k, v, *, sm_scale, causal, interpret, config=None):
   """(o [b, s_q, h, d], lse float32 [b, h, s_q]); inputs validated and
   unsupported() is None. interpret=True: Mosaic GPU interpret mode (CPU)."""
+  config = config or MosaicConfig.default(q.shape[3], causal, k.shape[1])
+  return _flash_fwd(q, k, v, scale_input(sm_scale), causal=causal,
+                    interpret=interpret, config=config)
+
+
+# jit: layers that differ only in sm_scale trace and lower the kernel once.
+@functools.partial(jax.jit, static_argnames=('causal', 'interpret', 'config'))
+def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
   batch, seq_q, heads, head_dim = q.shape
   group = heads // k.shape[2]
-  config = config or MosaicConfig.default(head_dim, causal, k.shape[1])
   stages, block_k = config.num_stages, config.block_k
   rows_tile = (NUM_CONSUMERS, ROWS_WG, head_dim)
   kv_tile = (stages, block_k, head_dim)
@@ -430,9 +445,8 @@ def flash_fwd(q, k, v, *, sm_scale, causal, interpret, config=None):
       consumers, consumers,
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # ping-pong turns
   ]
-  kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal,
-                             group=group, config=config,
-                             interpret=interpret_params(interpret) is not None)
+  kernel = functools.partial(_fwd_kernel, causal=causal, group=group,
+                             config=config, interpret=interpret_params(interpret) is not None)
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -444,4 +458,4 @@ def flash_fwd(q, k, v, *, sm_scale, causal, interpret, config=None):
       thread_name='wg',
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret_params(interpret),
-  )(q, k, v)
+  )(q, k, v, scale)

@@ -5,9 +5,10 @@ from the given lse:
     query blocks of every q head of its kv head (GQA sums in registers);
   - dQ: one CTA per 128 query rows, looping over key blocks (the forward's
     structure).
-Two kernels and no atomics: dQ is written once, in order, and both kernels
-run in the Mosaic GPU interpreter, which has no atomic adds. The cost is
-recomputing S and dP in the dQ kernel (7 matmuls instead of 5).
+Two kernels and no atomics: dQ is written once, in order. The cost is
+recomputing S and dP in the dQ kernel (7 matmuls instead of 5). Or fused
+(MosaicBwdConfig.fused; the default at d64): the dK/dV kernel also computes
+dQ and reduce-adds it into a float32 dQ with TMA.
 
 Nothing here assumes lse came from the same K/V: ring attention passes the
 global lse, o and dO of a query chunk against one K/V chunk.
@@ -40,8 +41,9 @@ class MosaicBwdConfig:
     instead of 7, no second exp of S) and adds it into a float32 dQ in HBM
     with TMA reduce-adds. Both consumers write their 64 keys' dS^T to a
     shared smem tile; dQ over all 128 keys is computed in 64-column parts
-    (dq_step). Needs block_q == 64 (wgmma's M), head_dim in
-    FUSED_HEAD_DIMS, and an extra float32 pass over dQ.
+    (dq_part: at d128 one per consumer every step, at d64 in turns). Needs
+    block_q == 64 (wgmma's M), head_dim in FUSED_HEAD_DIMS, and an extra
+    float32 pass over dQ.
   """
   block_q: int = 64
   block_k: int = 64
@@ -51,7 +53,8 @@ class MosaicBwdConfig:
   @classmethod
   def default(cls, head_dim):
     """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01): fused
-    at d64; at d128 the fused kernel is 1.2x slower than two kernels."""
+    at d64; at d128 the fused kernel (it spills) is 1.1x slower than two
+    kernels."""
     if head_dim <= 64:
       return cls(num_stages=3, fused=True)
     return cls(block_k=128)
@@ -121,38 +124,51 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   lo, first_full, num_q = q_range
   per_head = num_q - lo
 
-  def dq_step(step, g, i, ds_t):
-    """Fused: dS^T to the shared tile, then dQ of the step's query rows
-    against all the CTA's keys in 64-column parts, each added into dq_ref:
-    part p on warpgroup (step + p) % 2, so at d64 the two take turns and at
-    d128 each computes half of the columns every step (a 64 x 64 float32
-    accumulator, not 64 x 128, beside dK and dV)."""
+  parts = head_dim // DQ_COLS
+  # d128: two dQ parts, one per consumer every step, issued inside the step
+  # right behind dK; d64: one part, the consumers take turns after the step.
+  part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
+
+  def share_ds(step, ds_t):
+    """Fused: this consumer's dS^T to the tile both read dQ from."""
     buf = lax.rem(step, 2)
-
-    @pl.when(step >= 2)
-    def _():  # the readers two steps back are done with this buffer
-      plgpu.barrier_wait(ds_free.at[buf])
-
+    plgpu.barrier_wait(ds_free.at[buf])  # its readers two steps back are done
     ds_smem.at[buf, wg][...] = ds_t
     plgpu.commit_smem()
     plgpu.barrier_arrive(ds_ready.at[buf])
-    for part in range(head_dim // DQ_COLS):
 
-      @pl.when(lax.rem(step + part, 2) == wg)
-      def _():
-        plgpu.barrier_wait(ds_ready.at[buf])
-        cols = pl.ds(part * DQ_COLS, DQ_COLS)
+  def dq_part(step, part, acc_ref):
+    """dQ of the step's query rows, columns of `part`, against all the CTA's
+    keys (both consumers' dS^T); waits for every wgmma in flight."""
+    buf = lax.rem(step, 2)
+    plgpu.barrier_wait(ds_ready.at[buf])
+    cols = pl.ds(part * DQ_COLS, DQ_COLS)
+    for w in range(fm.NUM_CONSUMERS):
+      plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
+    dq = acc_ref[...]
+    plgpu.barrier_arrive(ds_free.at[buf])
+    return dq
 
-        def scope(acc_ref):
-          for w in range(fm.NUM_CONSUMERS):
-            plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
-          return acc_ref[...]
+  def add_dq(step, g, i, part, dq):
+    dst = dq_ref.at[b, pl.ds(i * bq, bq), kv_h * group + g,
+                    pl.ds(part * DQ_COLS, DQ_COLS)]
+    buf = lax.rem(step, 2)
+    _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
+                 None if dq_bar is None else dq_bar.at[wg], interpret)
 
-        dq = pl.run_scoped(scope, plgpu.ACC((bq, DQ_COLS), jnp.float32))
-        plgpu.barrier_arrive(ds_free.at[buf])
-        dst = dq_ref.at[b, pl.ds(i * bq, bq), kv_h * group + g, cols]
-        _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
-                     None if dq_bar is None else dq_bar.at[wg], interpret)
+  def dq_turn(step, g, i):
+    """d64: the consumer whose turn it is computes the one part; the other
+    frees the buffer at once (ds_free wants both)."""
+    mine = lax.rem(step, 2) == wg
+
+    @pl.when(mine)
+    def _():
+      dq = pl.run_scoped(functools.partial(dq_part, step, 0),
+                         plgpu.ACC((bq, DQ_COLS), jnp.float32))
+      add_dq(step, g, i, 0, dq)
+
+    pl.when(jnp.logical_not(mine))(functools.partial(
+        plgpu.barrier_arrive, ds_free.at[lax.rem(step, 2)]))
 
   def scores(masked, i, slot, s_t):
     """P^T from raw S^T, masked on the diagonal."""
@@ -181,29 +197,39 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     plgpu.barrier_wait(q_ready.at[slot])
     plgpu.barrier_wait(do_ready.at[slot])
 
-    def scope(s_ref, dp_ref, dv_ref, dk_ref):
+    def scope(s_ref, dp_ref, dv_ref, dk_ref, *dq_ref):
       plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
       plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
       p_t = scores(masked, i, slot,
                    plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+      p16_t = p_t.astype(dtype)
       fm.seed_acc(dv_ref, dv, interpret)
-      plgpu.wgmma(dv_ref, fm.stage_lhs(p_t.astype(dtype), stage),
-                  do_smem.at[slot])
-      ds_t = grad_scores(slot, p_t,
-                         plgpu.wgmma_accumulator_load(dp_ref, wait_n=1))
+      plgpu.wgmma(dv_ref, fm.stage_lhs(p16_t, stage), do_smem.at[slot])
+      dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
+      # With dQ in the step, dS from the bf16 P: the float32 P then dies
+      # before dS is built (without this, ptxas spilled at d128).
+      ds_t = grad_scores(slot, p16_t.astype(jnp.float32)
+                         if part_per_consumer else p_t, dp_t)
+      if config.fused:
+        share_ds(step, ds_t)
       fm.seed_acc(dk_ref, dk, interpret)
       plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
+      dq = dq_part(step, wg, dq_ref[0]) if part_per_consumer else None
       return (fm.read_acc(dk_ref, dk, interpret),
-              fm.read_acc(dv_ref, dv, interpret), ds_t)
+              fm.read_acc(dv_ref, dv, interpret), dq)
 
     o_shape = (fm.ROWS_WG, head_dim)
-    dk, dv, ds_t = pl.run_scoped(
+    dq_acc = ([plgpu.ACC((bq, DQ_COLS), jnp.float32)] if part_per_consumer
+              else [])
+    dk, dv, dq = pl.run_scoped(
         scope, plgpu.ACC(st_shape, jnp.float32),
         plgpu.ACC(st_shape, jnp.float32), plgpu.ACC(o_shape, jnp.float32),
-        plgpu.ACC(o_shape, jnp.float32))
+        plgpu.ACC(o_shape, jnp.float32), *dq_acc)
     plgpu.barrier_arrive(free.at[slot])
-    if config.fused:
-      dq_step(step, g, i, ds_t)
+    if part_per_consumer:
+      add_dq(step, g, i, wg, dq)
+    elif config.fused:
+      dq_turn(step, g, i)
     return dk, dv
 
   def head(g, carry):
@@ -213,12 +239,14 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     return lax.fori_loop(first_full, num_q,
                          functools.partial(body, False, g), carry)
 
+  if config.fused:  # both dS buffers start free
+    for buf in range(2):
+      plgpu.barrier_arrive(ds_free.at[buf])
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
   if config.fused:
-    for buf in range(2):  # observe the last turn's frees too
-      pl.when(group * per_head > buf)(
-          functools.partial(plgpu.barrier_wait, ds_free.at[buf]))
+    for buf in range(2):  # observe the last frees too
+      plgpu.barrier_wait(ds_free.at[buf])
   k_smem[...] = (dk * sm_scale).astype(dtype)
   v_smem[...] = dv.astype(dtype)
   plgpu.commit_smem()
@@ -242,8 +270,8 @@ def _q_range(k_start, block_q, seq_q, causal_offset):
   return lo, first_full, num_q
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,
-                 sm_scale, causal, group, config, interpret):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
+                 *refs, causal, group, config, interpret):
   # Fused: a float32 dQ input that the kernel adds into, before the outputs.
   dq_ref = refs[0] if config.fused else None
   dk_ref, dv_ref, *scratch = refs[1:] if config.fused else refs
@@ -260,7 +288,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs,
     plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
     _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
                    wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
-                   group=group, sm_scale=sm_scale,
+                   group=group, sm_scale=scale_ref[0],
                    causal_offset=causal_offset, config=config,
                    interpret=interpret)
 
@@ -351,8 +379,8 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref,
-               *scratch, sm_scale, causal, group, config, interpret):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
+               dq_ref, *scratch, causal, group, config, interpret):
   smem, bars = scratch[:5], scratch[5:]
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   block_k, num_stages = config.block_k, config.num_stages
@@ -370,7 +398,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref,
     plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
     _dq_consumer((q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
                  wg=wg, b=b, h=h, q_start=q_start, steps=steps,
-                 sm_scale=sm_scale, causal_offset=causal_offset,
+                 sm_scale=scale_ref[0], causal_offset=causal_offset,
                  block_k=block_k, num_stages=num_stages,
                  interpret=interpret)
 
@@ -391,10 +419,21 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   """(dq, dk, dv) from o and lse (the forward's, or global ones for ring
   attention); dlse, if not None, is the cotangent of lse. Inputs validated and
   fm.unsupported() is None."""
+  config = config or MosaicBwdConfig.default(q.shape[3])
+  if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
+    raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
+                     f'got {q.shape[3]}')
+  return _flash_bwd(q, k, v, o, lse, do, dlse, fm.scale_input(sm_scale),
+                    causal=causal, interpret=interpret, config=config)
+
+
+# jit: layers that differ only in sm_scale trace and lower the kernels once.
+@functools.partial(jax.jit, static_argnames=('causal', 'interpret', 'config'))
+def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
+               config):
   batch, seq_q, heads, head_dim = q.shape
   seq_kv, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
-  config = config or MosaicBwdConfig.default(head_dim)
   bq, bk, stages = config.block_q, config.block_k, config.num_stages
   dtype = q.dtype
   # dS = P * (dP - delta) + dlse * P: the lse cotangent folds into delta.
@@ -405,7 +444,7 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * fm.LOG2E)
   interpret = fm.interpret_params(interpret)
   wg_tile = (fm.NUM_CONSUMERS, fm.ROWS_WG, head_dim)
-  kwargs = dict(sm_scale=sm_scale, causal=causal, group=group, config=config)
+  kwargs = dict(causal=causal, group=group, config=config)
   mesh = dict(num_threads=fm.NUM_CONSUMERS + 1, thread_name='wg',
               compiler_params=plgpu.CompilerParams(approx_math=True),
               interpret=interpret)
@@ -420,9 +459,6 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
             if interpret else None)
 
   fused = config.fused
-  if fused and head_dim not in FUSED_HEAD_DIMS:
-    raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
-                     f'got {head_dim}')
   # Fused: dQ accumulates in float32 in place (a mutable ref: the kernel's
   # reduce-adds land in this zeroed buffer).
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32)) if fused else None
@@ -447,14 +483,14 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
           if fused else None,
           per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
-          # ds_free: one arrival per dQ part read from the buffer.
-          plgpu.Barrier(num_arrivals=head_dim // DQ_COLS, num_barriers=2),
+          # ds_free: both consumers done with the buffer.
+          plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           per_wg if fused and interpret else None],
       grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
       **mesh,
-  )(q, k, v, do, lse2, delta, *([dq_acc] if fused else []))
+  )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))
   if fused:
-    return (jax.freeze(dq_acc) * sm_scale).astype(dtype), dk, dv
+    return (jax.freeze(dq_acc) * scale[0]).astype(dtype), dk, dv
 
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, interpret=interpret is not None,
@@ -468,5 +504,5 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
           per_wg, per_wg, per_stage, per_stage, freed, freed],
       grid=(heads, seq_q // fm.BLOCK_Q, batch), grid_names=('h', 'q', 'b'),
       **mesh,
-  )(q, k, v, do, lse2, delta)
+  )(q, k, v, do, lse2, delta, scale)
   return dq, dk, dv

@@ -14,6 +14,7 @@ from registers, and real concurrency.
 """
 import functools
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,25 @@ def test_fwd_interpret_no_races(config):
   assert not gpu_callbacks.get_races().races_found
 
 
+@pytest.mark.parametrize('head_dim', flash_mosaic_vjp.FUSED_HEAD_DIMS)
+def test_fused_bwd_interpret_no_races(head_dim, capsys):
+  """The race detector over the fused backward's dS exchange: each consumer
+  writes its dS^T, both read them (d128: a dQ half each every step; d64:
+  in turns), two buffers guarded by ds_ready / ds_free. Only dQ's reduce
+  may be reported: the interpreter has no TMA reduce-add, and its stand-in
+  (load, add, store; exact as CTAs run one after another) is seen racing
+  with the same tile's add from another CTA."""
+  case = Case(1, 256, 256, 2, 1, head_dim, True)
+  q, k, v, do, _, _ = _inputs(case, jax.random.PRNGKey(7))
+  o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
+  jax.block_until_ready(flash_mosaic_vjp.flash_bwd(
+      q, k, v, o, lse, do.astype(q.dtype), None, sm_scale=0.125, causal=True,
+      config=FUSED, interpret=plgpu.InterpretGPUParams(detect_races=True)))
+  accesses = [line for line in capsys.readouterr().out.splitlines()
+              if line.strip().startswith(('read of', 'write of'))]
+  assert all(line.endswith('(_add_to_gmem)') for line in accesses), accesses
+
+
 def test_api_interpret_with_grads():
   """flash_attention(backend='mosaic') end to end, lse cotangent included."""
   case = Case(1, 128, 128, 2, 1, 64, True)
@@ -164,6 +184,35 @@ def test_api_interpret_with_grads():
                            interpret=True)
   check_with_grads(ours, q, k, v, do, dlse, with_lse=True,
                    tol=TOL[case.dtype], lse_tol=1e-5, causal=True)
+
+
+@pytest.mark.parametrize('sm_scale', [0.3, 0.02])
+def test_api_interpret_other_sm_scale(sm_scale):
+  """sm_scale is a kernel input, not a constant: a non-default one reaches the
+  scores and the dQ/dK scaling (fused backward at d64)."""
+  case = Case(1, 128, 128, 2, 1, 64, True)
+  q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(3))
+  ours = functools.partial(fa.flash_attention, backend='mosaic',
+                           interpret=True)
+  check_with_grads(ours, q, k, v, do, dlse, with_lse=True,
+                   tol=TOL[case.dtype], lse_tol=1e-5, causal=True,
+                   sm_scale=sm_scale)
+
+
+def test_layers_share_one_compiled_kernel():
+  """GPT-2 scales each layer's scores by 1/(layer + 1): layers differing only
+  in sm_scale must lower to the same three kernels (forward, dK/dV, dQ), or
+  every layer compiles its own on the GPU."""
+  q = jax.ShapeDtypeStruct((1, 256, 2, 80), jnp.bfloat16)
+
+  def layers(q, k, v):
+    return sum(fa.flash_attention(q, k, v, causal=True, backend='mosaic',
+                                  sm_scale=0.1 / (layer + 1)).sum()
+               for layer in range(4))
+
+  text = _lowered_for_sm90(jax.grad(layers, argnums=(0, 1, 2)), q, q, q)
+  hashes = re.findall(r'kernel_hash = "(.*?)"', text)
+  assert len(hashes) == 3 and len(set(hashes)) == 3, hashes
 
 
 def test_interpreter_needs_p_in_smem():
