@@ -14,6 +14,7 @@ when causal; forward+backward 3.5x that.
   python benchmarks/attention.py --quick --impls mosaic,cudnn,flash
   python benchmarks/attention.py --sweep            # our kernel's variants
   python benchmarks/attention.py --sweep_mosaic     # the Mosaic kernels' knobs
+                                                    # (and ptxas's spills)
 Writes <out>/attention_<gpu>.json (default benchmarks/results/).
 """
 import argparse
@@ -37,6 +38,7 @@ from kernels.flash_attention import (BlockSizes, MosaicTuning,
 from kernels.flash_mosaic import MosaicConfig
 from kernels.flash_mosaic_vjp import FUSED_HEAD_DIMS, MosaicBwdConfig
 from kernels.reference import reference_attention
+import ptxas_report
 # pylint: enable=g-import-not-at-top
 
 warnings.filterwarnings('ignore', category=DeprecationWarning)
@@ -265,7 +267,10 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):
   cuDNN's forward and forward+backward for scale."""
   q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
   flops = fwd_flops(shape, causal)
+  # The default kernels, compiled before any variant's ptxas report is taken.
   o, lse = flash_attention_fwd(q, k, v, causal=causal, backend='mosaic')
+  jax.block_until_ready(flash_attention_bwd(q, k, v, o, lse, do,
+                                            causal=causal, backend='mosaic'))
   want = reference_outputs(shape, causal)
   records = []
   for part, tuning in mosaic_variants(shape.head_dim):
@@ -273,20 +278,23 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):
       continue
     name = describe_mosaic(part, tuning)
     record = dict(shape=shape.name, causal=causal, part=part, variant=name)
+    reports = []
     try:
-      record['rel_err'] = check(shape, causal, 'mosaic', tuning, want)
-      if part == 'fwd':
-        fn = jax.jit(lambda q, k, v, t=tuning: flash_attention_fwd(
-            q, k, v, causal=causal, backend='mosaic', mosaic_config=t))
-        ms = time_ms(fn, (q, k, v))
-        record.update(ms=ms, tflops=flops / ms / 1e9)
-      else:
-        fn = jax.jit(lambda *a, t=tuning: flash_attention_bwd(
-            *a, causal=causal, backend='mosaic', mosaic_config=t))
-        ms = time_ms(fn, (q, k, v, o, lse, do))
-        record.update(ms=ms, tflops=2.5 * flops / ms / 1e9)
+      with ptxas_report.capture() as reports:
+        record['rel_err'] = check(shape, causal, 'mosaic', tuning, want)
+        if part == 'fwd':
+          fn = jax.jit(lambda q, k, v, t=tuning: flash_attention_fwd(
+              q, k, v, causal=causal, backend='mosaic', mosaic_config=t))
+          ms = time_ms(fn, (q, k, v))
+          record.update(ms=ms, tflops=flops / ms / 1e9)
+        else:
+          fn = jax.jit(lambda *a, t=tuning: flash_attention_bwd(
+              *a, causal=causal, backend='mosaic', mosaic_config=t))
+          ms = time_ms(fn, (q, k, v, o, lse, do))
+          record.update(ms=ms, tflops=2.5 * flops / ms / 1e9)
     except Exception as e:  # pylint: disable=broad-except
       record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
+    record['ptxas'] = reports  # the kernels first compiled for this variant
     print(json.dumps(record), flush=True)
     records.append(record)
   ref = dict(shape=shape.name, causal=causal, part='cudnn', variant='cudnn')
@@ -312,8 +320,10 @@ def print_sweep_mosaic(records):
       if 'error' in r:
         print(f'  {r["variant"]:36s} failed: {r["error"][:80]}')
         continue
+      spills = [p['spill_stores'] for p in r.get('ptxas', [])]
       print(f'  {r["variant"]:36s} {r["ms"]:8.3f} ms {r["tflops"]:6.1f} '
-            f'TFLOP/s  err {r["rel_err"]:.1e}')
+            f'TFLOP/s  err {r["rel_err"]:.1e}  spill stores (B) '
+            f'{spills or "-"}')
       if r['rel_err'] < 1e-2 and (r['part'] not in best or
                                   r['ms'] < best[r['part']]['ms']):
         best[r['part']] = r

@@ -196,3 +196,34 @@ def test_trace_summary_measures_hidden_collectives(tmp_path):
       (1, pytest.approx(0.14), pytest.approx(0.07), pytest.approx(0.2))]
   assert trace_summary.summarize(str(tmp_path))[0][:2] == (
       'flash_fwd', pytest.approx(0.2))
+
+
+# ptxas's verbose output for one Mosaic kernel (an H200 run, 2026-12-01).
+PTXAS_OUTPUT = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'anonymous_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 1300 by compiler to allow use of registers in GMMA in function 'anonymous_mosaic_gpu_kernel'
+ptxas warning : Registers are spilled to local memory in function 'anonymous_mosaic_gpu_kernel', 116 bytes spill stores, 128 bytes spill loads
+    120 bytes stack frame, 116 bytes spill stores, 128 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 120 bytes cumulative stack size, 1 bytes smem
+"""
+
+
+def test_ptxas_report_reads_spills_from_the_process_stdout():
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
+                                  'benchmarks'))
+  import ptxas_report  # pylint: disable=g-import-not-at-top
+  assert 'MOSAIC_GPU_DUMP_PTXAS' not in os.environ
+  with ptxas_report.capture() as reports:
+    assert os.environ['MOSAIC_GPU_DUMP_PTXAS'] == '1'
+    # As Mosaic's C++ prints it: to file descriptor 1, past sys.stdout.
+    os.write(1, PTXAS_OUTPUT.encode())
+    os.write(1, b'    0 bytes stack frame, 0 bytes spill stores, '
+                b'0 bytes spill loads\n')
+  assert 'MOSAIC_GPU_DUMP_PTXAS' not in os.environ
+  assert reports == [
+      dict(spill_stores=116, spill_loads=128, stack=120,
+           notes=['(C7519) warpgroup.arrive is injected in around line 1300 '
+                  'by compiler to allow use of registers in GMMA in function '
+                  "'anonymous_mosaic_gpu_kernel'"]),
+      dict(spill_stores=0, spill_loads=0, stack=0, notes=[])]
