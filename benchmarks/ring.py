@@ -15,13 +15,18 @@ sequence of N x T tokens, T tokens per GPU, 16 heads x 128, bf16, for:
                policy (attention output and lse kept)
   single       the FA2 kernel on one GPU, causal, seq T (same tokens per GPU)
 
-  python benchmarks/ring.py [--tokens 8192,16384,32768] [--gpus 2,4]
+  python benchmarks/ring.py [--tokens 8192,16384,32768] [--gpus 2,4] \
+      [--backend triton]
+--backend picks the flash kernels of the ring's blocks and of `single`
+(default 'auto': the Mosaic kernels on Hopper); allgather's segment ids keep
+it on the Triton kernels.
 Writes <out>/ring_<gpu>.json (default benchmarks/results/). --profile DIR
 traces one call of the zigzag ring and records, per GPU, how much of the
 transfers' time ran under a compute kernel (benchmarks/trace_summary.py).
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -41,6 +46,7 @@ from jaxflash import ring
 import trace_summary
 from jaxflash.model import REMAT_POLICIES
 from kernels import flash_attention
+from kernels.flash_attention import BACKENDS, DEFAULT_BACKEND
 # pylint: enable=g-import-not-at-top
 
 HEADS, HEAD_DIM = 16, 128
@@ -124,16 +130,16 @@ def comm_only(mesh, n):
                                out_specs=P('seq'), check_vma=False))
 
 
-def check_correct(mesh, n, seq):
+def check_correct(mesh, n, seq, backend):
   """zigzag ring vs the one-device kernel on one head group, rel error."""
   q, k, v, _ = inputs(mesh, seq, sharded=False)
   q, k, v = (x[:, :, :2] for x in (q, k, v))
-  want = flash_attention(q, k, v, causal=True,
-                         interpret=INTERPRET).astype(jnp.float32)
+  want = flash_attention(q, k, v, causal=True, interpret=INTERPRET,
+                         backend=backend).astype(jnp.float32)
   to = lambda x: ring.to_layout(x, n, 'zigzag')
   got = ring.from_layout(ring.ring_attention(
-      to(q), to(k), to(v), mesh=mesh, layout='zigzag', impl='flash'), n,
-      'zigzag').astype(jnp.float32)
+      to(q), to(k), to(v), mesh=mesh, layout='zigzag', impl='flash',
+      backend=backend), n, 'zigzag').astype(jnp.float32)
   return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
@@ -166,6 +172,8 @@ def main():
                       help='comma list, e.g. zigzag,compute_only')
   parser.add_argument('--profile', default=None, metavar='DIR',
                       help='trace the zigzag ring once into DIR/<N>_<T>')
+  parser.add_argument('--backend', default=DEFAULT_BACKEND, choices=BACKENDS,
+                      help="the flash kernels' backend")
   parser.add_argument('--schedule', action='store_true',
                       help='print the compiled zigzag schedule and stop')
   parser.add_argument('--out', default=os.path.join(
@@ -177,7 +185,7 @@ def main():
   records = []
   for t in [int(x) for x in args.tokens.split(',')]:
     single = fwd_bwd(lambda q, k, v: flash_attention(
-        q, k, v, causal=True, interpret=INTERPRET))
+        q, k, v, causal=True, interpret=INTERPRET, backend=args.backend))
     q, k, v, do = inputs(None, t, sharded=False)
     ms = time_fn(single, q, k, v, do) * 1e3
     records.append(dict(variant='single', gpus=1, tokens_per_gpu=t, ms=ms,
@@ -187,27 +195,23 @@ def main():
       mesh = jax.make_mesh((n,), ('seq',), devices=devices[:n],
                            axis_types=(jax.sharding.AxisType.Auto,))
       seq = n * t
-      rel_err = check_correct(mesh, n, seq)
+      rel_err = check_correct(mesh, n, seq, args.backend)
+      zigzag = functools.partial(ring.ring_attention, mesh=mesh,
+                                 layout='zigzag', impl='flash',
+                                 backend=args.backend)
       print(f'N={n} T={t}: zigzag vs one-device kernel rel err {rel_err:.1e}',
             flush=True)
       variants = {
-          'zigzag': fwd_bwd(lambda q, k, v: ring.ring_attention(
-              q, k, v, mesh=mesh, layout='zigzag', impl='flash')),
-          'natural': fwd_bwd(lambda q, k, v: ring.ring_attention(
-              q, k, v, mesh=mesh, layout='natural', impl='flash')),
-          'compute_only': fwd_bwd(lambda q, k, v: ring.ring_attention(
-              q, k, v, mesh=mesh, layout='zigzag', impl='flash',
-              communicate=False)),
+          'zigzag': fwd_bwd(zigzag),
+          'natural': fwd_bwd(functools.partial(zigzag, layout='natural')),
+          'compute_only': fwd_bwd(functools.partial(zigzag,
+                                                    communicate=False)),
           'allgather': fwd_bwd(allgather_attention(mesh, n)),
           'comm_only': comm_only(mesh, n),
           'remat_full': fwd_bwd(jax.checkpoint(
-              lambda q, k, v: ring.ring_attention(
-                  q, k, v, mesh=mesh, layout='zigzag', impl='flash'),
-              policy=jax.checkpoint_policies.nothing_saveable)),
+              zigzag, policy=jax.checkpoint_policies.nothing_saveable)),
           'remat_save': fwd_bwd(jax.checkpoint(
-              lambda q, k, v: ring.ring_attention(
-                  q, k, v, mesh=mesh, layout='zigzag', impl='flash'),
-              policy=REMAT_POLICIES['save_attention'])),
+              zigzag, policy=REMAT_POLICIES['save_attention'])),
       }
       if args.variants:
         variants = {k: variants[k] for k in args.variants.split(',')}
@@ -235,7 +239,8 @@ def main():
         print(records[-1], flush=True)
   result = dict(device=devices[0].device_kind, num_gpus=len(devices),
                 date=datetime.datetime.now().isoformat(),
-                jax=jax.__version__, heads=HEADS, head_dim=HEAD_DIM,
+                jax=jax.__version__, backend=args.backend, heads=HEADS,
+                head_dim=HEAD_DIM,
                 dtype='bfloat16', causal=True,
                 xla_flags=os.environ.get('XLA_FLAGS', ''), records=records)
   os.makedirs(args.out, exist_ok=True)

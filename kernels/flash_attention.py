@@ -251,7 +251,8 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None,
     block_sizes: BlockSizes of the Triton kernels; default
       BlockSizes.default(head_dim, seq_kv, causal).
     backend: 'triton', 'mosaic' (Hopper; ValueError naming the limit for
-      shapes it cannot run) or 'auto' (mosaic where it can run on a 9.x GPU).
+      shapes it cannot run) or 'auto' (the default: mosaic where it can run
+      on a 9.x GPU, triton elsewhere).
     mosaic_config: MosaicTuning, the Mosaic kernels' knobs; default the
       measured ones.
 
