@@ -237,10 +237,13 @@ def mosaic_variants(head_dim):
   fwd = [base, dataclasses.replace(base, pingpong=True),
          dataclasses.replace(base, overlap=True),
          dataclasses.replace(base, pingpong=True, overlap=True),
+         dataclasses.replace(base, issue_order=True),
+         dataclasses.replace(base, overlap=True, issue_order=True),
          MosaicConfig(64, 4, pingpong=True, overlap=True)]
   # d64: a 256-key block fits (S is 128 registers a thread): no overlap.
-  fwd.append(MosaicConfig(256, 2, pingpong=True) if head_dim <= 64 else
-             MosaicConfig(64, 4, pingpong=True))
+  fwd += ([MosaicConfig(256, 2, pingpong=True),
+           MosaicConfig(256, 2, issue_order=True)] if head_dim <= 64 else
+          [MosaicConfig(64, 4, pingpong=True)])
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
@@ -255,7 +258,8 @@ def describe_mosaic(part, tuning):
     c = tuning.fwd
     return (f'fwd k{c.block_k} s{c.num_stages}'
             f'{" pingpong" if c.pingpong else ""}'
-            f'{" overlap" if c.overlap else ""}')
+            f'{" overlap" if c.overlap else ""}'
+            f'{" issue_order" if c.issue_order else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}')

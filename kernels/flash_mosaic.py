@@ -52,6 +52,10 @@ class MosaicConfig:
     shared mbarrier right after issuing a step's wgmmas and again after its
     softmax, warpgroup 1 starting one meeting late, so one's softmax runs
     under the other's matmuls (FA3's inter-warpgroup ping-pong).
+  issue_order: the consumers take turns issuing wgmmas, and only that: each
+    waits for its turn before issuing a step's matmuls and hands the turn
+    over right after (FA3's scheduler barrier), so neither waits for the
+    other's softmax as pingpong's meetings make it.
   overlap: step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and
     runs softmax(S_j) while P V is still on the tensor cores (FA3's
     intra-warpgroup pipelining); O is accumulated in place in the wgmma
@@ -61,6 +65,12 @@ class MosaicConfig:
   num_stages: int = 2
   pingpong: bool = False
   overlap: bool = False
+  issue_order: bool = False
+
+  def __post_init__(self):
+    if self.pingpong and self.issue_order:
+      raise ValueError('pingpong and issue_order are two ways of taking '
+                       'turns: pick one')
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
@@ -269,6 +279,18 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
+  def my_turn():  # issue_order: before issuing a step's wgmmas
+    if config.issue_order:
+      plgpu.barrier_wait(turn.at[wg])
+
+  def your_turn():  # issue_order: right after issuing them
+    if config.issue_order:
+      plgpu.barrier_arrive(turn.at[1 - wg])
+
+  def issued():
+    your_turn()
+    meet()
+
   def mask(masked, j):
     if not masked:
       return None
@@ -278,20 +300,23 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
     acc, m, l = carry
     slot = lax.rem(j, num_stages)
     plgpu.barrier_wait(k_ready.at[slot])
-    s = mma(q_smem, k_smem.at[slot].T, s_shape, after_issue=meet)
+    my_turn()
+    s = mma(q_smem, k_smem.at[slot].T, s_shape, after_issue=issued)
     plgpu.barrier_arrive(k_free.at[slot])
     p, m, l, alpha = _softmax_step(s, m, l, scale=scale, mask=mask(masked, j))
     meet()
     p = stage_lhs(p.astype(dtype), p_smem)
     plgpu.barrier_wait(v_ready.at[slot])
-    pv = mma(p, v_smem.at[slot], o_shape)
+    my_turn()
+    pv = mma(p, v_smem.at[slot], o_shape, after_issue=your_turn)
     plgpu.barrier_arrive(v_free.at[slot])
     return acc * rows_col(alpha, acc.shape) + pv, m, l
 
   def first(masked):
     """Overlap: S_0 and its softmax; O starts at 0."""
     plgpu.barrier_wait(k_ready.at[0])
-    s = mma(q_smem, k_smem.at[0].T, s_shape, after_issue=meet)
+    my_turn()
+    s = mma(q_smem, k_smem.at[0].T, s_shape, after_issue=issued)
     plgpu.barrier_arrive(k_free.at[0])
     p, m, l, _ = _softmax_step(s, wgmma_rows(ROWS_WG, NEG_INF),
                                wgmma_rows(ROWS_WG, 0.0), scale=scale,
@@ -308,9 +333,10 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
 
     def scope(s_ref, o_ref):
       seed_acc(o_ref, acc, interpret)
+      my_turn()
       plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
       plgpu.wgmma(o_ref, stage_lhs(p_prev, p_smem), v_smem.at[prev])
-      meet()
+      issued()
       s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j only
       plgpu.barrier_arrive(k_free.at[slot])
       p, m_new, l_new, alpha = _softmax_step(s, m, l, scale=scale,
@@ -332,8 +358,9 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
 
     def scope(o_ref):
       seed_acc(o_ref, acc, interpret)
+      my_turn()
       plgpu.wgmma(o_ref, stage_lhs(p, p_smem), v_smem.at[slot])
-      meet()
+      issued()
       return read_acc(o_ref, acc, interpret)
 
     acc = pl.run_scoped(scope, plgpu.ACC(o_shape, jnp.float32))
@@ -345,6 +372,8 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
   init = (wgmma_full(o_shape, 0.0), wgmma_rows(ROWS_WG, NEG_INF),
           wgmma_rows(ROWS_WG, 0.0))
   pl.when(wg == 1)(meet)
+  if config.issue_order:  # warpgroup 0 issues first
+    pl.when(wg == 0)(functools.partial(plgpu.barrier_arrive, turn.at[0]))
   if config.overlap:
     # Both consumers share `steps`, so they skip (no keys at all) together.
     carry = lax.cond(total > 0, lambda: first(causal),
@@ -363,6 +392,8 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
                             carry)
     acc, m, l = carry
   pl.when(wg == 0)(meet)
+  if config.issue_order:  # observe warpgroup 1's last hand-over
+    pl.when(wg == 0)(functools.partial(plgpu.barrier_wait, turn.at[0]))
   # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
@@ -443,7 +474,9 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
       plgpu.Barrier(num_barriers=NUM_CONSUMERS),
       plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
       consumers, consumers,
-      plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # ping-pong turns
+      # Turns: pingpong's meeting; issue_order's one barrier per consumer.
+      (plgpu.Barrier(num_barriers=NUM_CONSUMERS) if config.issue_order else
+       plgpu.Barrier(num_arrivals=NUM_CONSUMERS)),
   ]
   kernel = functools.partial(_fwd_kernel, causal=causal, group=group,
                              config=config, interpret=interpret_params(interpret) is not None)

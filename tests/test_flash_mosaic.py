@@ -69,6 +69,12 @@ FWD_CASES = [
     (Case(1, 384, 128, 2, 2, 96, True), MosaicConfig(64, 2, overlap=True)),
     (Case(1, 128, 256, 2, 2, 80, False, jnp.float16),
      MosaicConfig(64, 3, pingpong=True, overlap=True)),
+    # Turns on wgmma issue only, with and without overlap (no-key rows: both
+    # consumers skip every step, and the hand-overs still pair up).
+    (Case(1, 256, 256, 2, 1, 128, True), MosaicConfig(64, 2,
+                                                      issue_order=True)),
+    (Case(1, 384, 128, 2, 2, 64, True), MosaicConfig(64, 2, overlap=True,
+                                                     issue_order=True)),
 ] + _random_cases(1)
 
 
@@ -76,7 +82,8 @@ def _case_id(case_config):
   case, config = case_config
   return (f'{case}_k{config.block_k}s{config.num_stages}'
           f'{"_pingpong" if config.pingpong else ""}'
-          f'{"_overlap" if config.overlap else ""}')
+          f'{"_overlap" if config.overlap else ""}'
+          f'{"_issue_order" if config.issue_order else ""}')
 
 
 @pytest.fixture(autouse=True)
@@ -144,8 +151,9 @@ def test_bwd_interpret_matches_reference_vjp(case, config):
 
 
 @pytest.mark.parametrize('config', [
-    MosaicConfig(64, 2), MosaicConfig(64, 2, pingpong=True, overlap=True)],
-                         ids=['plain', 'pingpong_overlap'])
+    MosaicConfig(64, 2), MosaicConfig(64, 2, pingpong=True, overlap=True),
+    MosaicConfig(64, 2, overlap=True, issue_order=True)],
+                         ids=['plain', 'pingpong_overlap', 'issue_order'])
 def test_fwd_interpret_no_races(config):
   """The interpreter's happens-before race detector over the mbarrier
   protocol (TMA writes vs. reads of the K/V slots and the Q/O tile)."""
@@ -265,10 +273,10 @@ def test_lowers_for_sm90(head_dim, causal):
 @pytest.mark.parametrize('head_dim', flash_mosaic.HEAD_DIMS)
 @pytest.mark.parametrize('causal', [False, True])
 def test_variants_lower_for_sm90(head_dim, causal):
-  """The sweep's variants, GPU build: ping-pong + overlap forward at the
-  largest key block, and the fused backward where it runs; the interpreter
-  lacks the accumulator store (overlap) and TMA reduce-add (fused) that
-  only this build uses."""
+  """The sweep's variants, GPU build: ping-pong + overlap and issue order +
+  overlap forwards at the largest key block, and the fused backward where
+  it runs; the interpreter lacks the accumulator store (overlap) and TMA
+  reduce-add (fused) that only this build uses."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
   kwargs = dict(sm_scale=0.1, causal=causal, interpret=False)
@@ -278,8 +286,11 @@ def test_variants_lower_for_sm90(head_dim, causal):
     o, lse = flash_mosaic.flash_fwd(
         q, k, v, config=MosaicConfig(128, 2, pingpong=True, overlap=True),
         **kwargs)
+    o2, _ = flash_mosaic.flash_fwd(
+        q, k, v, config=MosaicConfig(128, 2, overlap=True, issue_order=True),
+        **kwargs)
     return flash_mosaic_vjp.flash_bwd(
-        q, k, v, o, lse, do, None, config=MosaicBwdConfig(fused=fused),
+        q, k, v, o, lse, do + o2, None, config=MosaicBwdConfig(fused=fused),
         **kwargs)
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -426,6 +437,7 @@ def test_gpu_auto_picks_mosaic_on_hopper():
 GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, pingpong=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True)),
+    fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, issue_order=True)),
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
@@ -439,7 +451,8 @@ def _variant_id(tuning):
   if tuning.fwd is not None:
     parts.append(f'fwd_k{tuning.fwd.block_k}'
                  f'{"_pingpong" if tuning.fwd.pingpong else ""}'
-                 f'{"_overlap" if tuning.fwd.overlap else ""}')
+                 f'{"_overlap" if tuning.fwd.overlap else ""}'
+                 f'{"_issue_order" if tuning.fwd.issue_order else ""}')
   if tuning.bwd is not None:
     parts.append('bwd' + _bwd_config_id(tuning.bwd))
   return '-'.join(parts)
