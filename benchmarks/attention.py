@@ -237,13 +237,12 @@ def mosaic_variants(head_dim):
   fwd = [base, dataclasses.replace(base, pingpong=True),
          dataclasses.replace(base, overlap=True),
          dataclasses.replace(base, pingpong=True, overlap=True),
-         dataclasses.replace(base, issue_order=True),
-         dataclasses.replace(base, overlap=True, issue_order=True),
-         MosaicConfig(64, 4, pingpong=True, overlap=True)]
+         dataclasses.replace(base, overlap=True, persistent=True),
+         dataclasses.replace(base, pingpong=True, persistent=True)]
   # d64: a 256-key block fits (S is 128 registers a thread): no overlap.
   fwd += ([MosaicConfig(256, 2, pingpong=True),
-           MosaicConfig(256, 2, issue_order=True)] if head_dim <= 64 else
-          [MosaicConfig(64, 4, pingpong=True)])
+           MosaicConfig(256, 2, pingpong=True, persistent=True)]
+          if head_dim <= 64 else [])
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
@@ -259,7 +258,7 @@ def describe_mosaic(part, tuning):
     return (f'fwd k{c.block_k} s{c.num_stages}'
             f'{" pingpong" if c.pingpong else ""}'
             f'{" overlap" if c.overlap else ""}'
-            f'{" issue_order" if c.issue_order else ""}')
+            f'{" persistent" if c.persistent else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}')

@@ -52,37 +52,35 @@ class MosaicConfig:
     shared mbarrier right after issuing a step's wgmmas and again after its
     softmax, warpgroup 1 starting one meeting late, so one's softmax runs
     under the other's matmuls (FA3's inter-warpgroup ping-pong).
-  issue_order: the consumers take turns issuing wgmmas, and only that: each
-    waits for its turn before issuing a step's matmuls and hands the turn
-    over right after (FA3's scheduler barrier), so neither waits for the
-    other's softmax as pingpong's meetings make it.
   overlap: step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and
     runs softmax(S_j) while P V is still on the tensor cores (FA3's
     intra-warpgroup pipelining); O is accumulated in place in the wgmma
     accumulator. Costs registers: S_j, O and P_{j-1} are live at once.
+  persistent: one CTA per SM, each running a share of the (query block,
+    head, batch row) tiles in turn: the producer streams the next tile's K
+    and V while the consumers finish the current one, and each consumer
+    loads its next Q during the current tile and stores O without waiting,
+    so a short tile's prologue and epilogue overlap its neighbours' work.
   """
   block_k: int = 128
   num_stages: int = 2
   pingpong: bool = False
   overlap: bool = False
-  issue_order: bool = False
-
-  def __post_init__(self):
-    if self.pingpong and self.issue_order:
-      raise ValueError('pingpong and issue_order are two ways of taking '
-                       'turns: pick one')
+  persistent: bool = False
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
     """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01); the
-    key block is 128 unless a 256 one divides seq_kv."""
+    key block is 128 unless a 256 one divides seq_kv. Persistent up to
+    1024 keys: short tiles gained 13-40% at d64, long ones lose 2-5%."""
+    persistent = seq_kv <= 1024
     if head_dim <= 64:  # ping-pong; a 256-key block only without the mask
       if not causal and seq_kv % 256 == 0:
-        return cls(256, 2, pingpong=True)
-      return cls(128, 3, pingpong=True)
-    # Shared memory (bf16): Q/O 128 x d, plus stages x 2 x block_k x d for
-    # K and V: d128 with 3 stages would need 224 KiB of the 227.
-    return cls(block_k=128, num_stages=2, overlap=True)
+        return cls(256, 2, pingpong=True, persistent=persistent)
+      return cls(128, 3, pingpong=True, persistent=persistent)
+    # Shared memory (bf16): Q/O 2 x 128 x d, plus stages x 2 x block_k x d
+    # for K and V: d128 with 3 stages would need 288 KiB of the 227.
+    return cls(block_k=128, num_stages=2, overlap=True, persistent=persistent)
 
 
 def unsupported(q, k, *, has_segments, block_k=MosaicConfig.block_k):
@@ -192,33 +190,37 @@ def kv_steps(q_start, rows, block_k, seq_kv, causal_offset):
   return unmasked, total
 
 
-def produce(groups, steps, num_stages):
-  """The producer warpgroup's loop: for each step, refill slot step % stages.
+def produce(groups, steps, num_stages, base=0, drain=True):
+  """The producer warpgroup's loop: step i refills slot (base + i) % stages;
+  base counts the steps that came before in this CTA (a persistent CTA's
+  earlier tiles), so the ring and its barrier phases carry on.
 
   groups: [(free, [(load, ready), ...])]: the loads wait for the consumers to
-  arrive on free[slot]; load(step, slot, ready[slot]) issues one TMA copy.
-  Ends by waiting for the last frees too, so every barrier completion is
-  observed (mbarrier phases stay in step; the interpreter checks this).
+  arrive on free[slot] once the slot has been filled before;
+  load(step, slot, ready[slot]) issues one TMA copy.
+  drain: end by waiting for the last frees too (drain_frees).
   """
-  def issue(i, wait):
-    slot = lax.rem(i, num_stages)
+  @pl.loop(0, steps)
+  def _(i):
+    slot = lax.rem(base + i, num_stages)
     for free, loads in groups:
-      if wait:
-        plgpu.barrier_wait(free.at[slot])
+      pl.when(base + i >= num_stages)(
+          functools.partial(plgpu.barrier_wait, free.at[slot]))
       for load, ready in loads:
         load(i, slot, ready.at[slot])
 
-  for i in range(num_stages):
-    pl.when(i < steps)(functools.partial(issue, jnp.int32(i), False))
+  if drain:
+    drain_frees([free for free, _ in groups], base + steps, num_stages)
 
-  @pl.loop(num_stages, jnp.maximum(steps, num_stages))
-  def _(i):
-    issue(i, True)
 
-  @pl.loop(jnp.maximum(steps - num_stages, 0), steps)
-  def _(i):
-    for free, _ in groups:
-      plgpu.barrier_wait(free.at[lax.rem(i, num_stages)])
+def drain_frees(frees, total, num_stages):
+  """Waits on `frees` for the last slots filled (of `total` steps), so
+  every barrier completion is observed: mbarrier phases stay in step (the
+  interpreter checks this)."""
+  @pl.loop(jnp.maximum(total - num_stages, 0), total)
+  def _(g):
+    for free in frees:
+      plgpu.barrier_wait(free.at[lax.rem(g, num_stages)])
 
 
 def tma_loader(src_ref, dst_smem, index):
@@ -253,24 +255,46 @@ def _softmax_step(s, m, l, *, scale, mask):
   return p, m_new, l * alpha + jnp.sum(p, axis=1), alpha
 
 
-def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
-                  o_ref, lse_ref, *, wg, b, h, q_start, steps, sm_scale,
+def fwd_tile(t, num_q, heads, batch, causal):
+  """(query block, head, batch row) of tile t, in launch order. Causal: per
+  batch row, the longest query blocks first, across its heads, so the
+  diagonal's short tiles run last, in the shade of the long ones. Otherwise
+  a head's query blocks follow each other, so they read its K and V from
+  L2."""
+  if causal:
+    i = num_q - 1 - lax.rem(lax.div(t, heads), num_q)
+    return i, lax.rem(t, heads), lax.div(t, heads * num_q)
+  return lax.rem(t, num_q), lax.rem(lax.div(t, num_q), heads), lax.div(
+      t, num_q * heads)
+
+
+def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
                   causal_offset, config, interpret):
-  """sm_scale: a traced float32 scalar (see scale_input)."""
+  """Runs this CTA's tiles: tiles = (count, tile(n) -> (query block, head,
+  batch row) of its n-th). sm_scale: a traced float32 scalar (scale_input)."""
+  q_ref, o_ref, lse_ref = refs
+  qo_smem, k_smem, v_smem, p_smem, lse_smem = smem_refs
   q_bar, k_ready, v_ready, k_free, v_free, turn = bars
   p_smem = None if p_smem is None else p_smem.at[wg]
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   block_k, num_stages = config.block_k, config.num_stages
   scale = sm_scale * LOG2E
-  rows = q_start + wg * ROWS_WG
-  q_smem = qo_smem.at[wg]
-  plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(rows, ROWS_WG), h], q_smem,
-                          q_bar.at[wg])
-  plgpu.barrier_wait(q_bar.at[wg])
+  count, tile = tiles
   s_shape = (ROWS_WG, block_k)
   o_shape = (ROWS_WG, head_dim)
-  q_pos = rows + wgmma_iota(s_shape, 0)
+
+  def rows_of(n):
+    i, h, b = tile(n)
+    return b, pl.ds(i * BLOCK_Q + wg * ROWS_WG, ROWS_WG), h
+
+  def q_ready(buf):
+    return q_bar.at[buf * NUM_CONSUMERS + wg]
+
+  def load_q(n):  # Q, then O, of tile n live in buffer n % 2
+    buf = lax.rem(n, 2)
+    plgpu.copy_gmem_to_smem(q_ref.at[rows_of(n)], qo_smem.at[buf, wg],
+                            q_ready(buf))
 
   def meet():
     # Both consumers arrive, then wait: with warpgroup 1 one meeting behind,
@@ -279,164 +303,187 @@ def _fwd_consumer(q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem, bars,
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
-  def my_turn():  # issue_order: before issuing a step's wgmmas
-    if config.issue_order:
-      plgpu.barrier_wait(turn.at[wg])
+  def run_tile(n, base):
+    """Tile n; its step j uses K/V slot (base + j) % stages. Returns base
+    plus the tile's steps."""
+    buf = lax.rem(n, 2)
+    i, _, _ = tile(n)
+    q_smem = qo_smem.at[buf, wg]
+    q_pos = i * BLOCK_Q + wg * ROWS_WG + wgmma_iota(s_shape, 0)
+    unmasked, total = kv_steps(i * BLOCK_Q, BLOCK_Q, block_k, seq_kv,
+                               causal_offset)
 
-  def your_turn():  # issue_order: right after issuing them
-    if config.issue_order:
-      plgpu.barrier_arrive(turn.at[1 - wg])
+    def prefetch():
+      """The next tile's Q into the other buffer, once the TMA store of the
+      O that it holds has read it. Runs while step 0's wgmmas are in flight
+      (or at the end for a tile without keys)."""
+      @pl.when(n + 1 < count)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        load_q(n + 1)
 
-  def issued():
-    your_turn()
-    meet()
+    def issued(j):
+      pl.when(j == 0)(prefetch)
+      meet()
 
-  def mask(masked, j):
-    if not masked:
-      return None
-    return j * block_k + wgmma_iota(s_shape, 1) <= q_pos + causal_offset
+    def mask(masked, j):
+      if not masked:
+        return None
+      return j * block_k + wgmma_iota(s_shape, 1) <= q_pos + causal_offset
 
-  def body(masked, j, carry):
-    acc, m, l = carry
-    slot = lax.rem(j, num_stages)
-    plgpu.barrier_wait(k_ready.at[slot])
-    my_turn()
-    s = mma(q_smem, k_smem.at[slot].T, s_shape, after_issue=issued)
-    plgpu.barrier_arrive(k_free.at[slot])
-    p, m, l, alpha = _softmax_step(s, m, l, scale=scale, mask=mask(masked, j))
-    meet()
-    p = stage_lhs(p.astype(dtype), p_smem)
-    plgpu.barrier_wait(v_ready.at[slot])
-    my_turn()
-    pv = mma(p, v_smem.at[slot], o_shape, after_issue=your_turn)
-    plgpu.barrier_arrive(v_free.at[slot])
-    return acc * rows_col(alpha, acc.shape) + pv, m, l
-
-  def first(masked):
-    """Overlap: S_0 and its softmax; O starts at 0."""
-    plgpu.barrier_wait(k_ready.at[0])
-    my_turn()
-    s = mma(q_smem, k_smem.at[0].T, s_shape, after_issue=issued)
-    plgpu.barrier_arrive(k_free.at[0])
-    p, m, l, _ = _softmax_step(s, wgmma_rows(ROWS_WG, NEG_INF),
-                               wgmma_rows(ROWS_WG, 0.0), scale=scale,
-                               mask=mask(masked, 0))
-    meet()
-    return wgmma_full(o_shape, 0.0), m, l, p.astype(dtype)
-
-  def overlapped(masked, j, carry):
-    """Overlap, step j >= 1: S_j and P_{j-1} V_{j-1} in flight together."""
-    acc, m, l, p_prev = carry
-    slot, prev = lax.rem(j, num_stages), lax.rem(j - 1, num_stages)
-    plgpu.barrier_wait(k_ready.at[slot])
-    plgpu.barrier_wait(v_ready.at[prev])
-
-    def scope(s_ref, o_ref):
-      seed_acc(o_ref, acc, interpret)
-      my_turn()
-      plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
-      plgpu.wgmma(o_ref, stage_lhs(p_prev, p_smem), v_smem.at[prev])
-      issued()
-      s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j only
+    def body(masked, j, carry):
+      acc, m, l = carry
+      slot = lax.rem(base + j, num_stages)
+      plgpu.barrier_wait(k_ready.at[slot])
+      s = mma(q_smem, k_smem.at[slot].T, s_shape,
+              after_issue=functools.partial(issued, j))
       plgpu.barrier_arrive(k_free.at[slot])
-      p, m_new, l_new, alpha = _softmax_step(s, m, l, scale=scale,
-                                             mask=mask(masked, j))
-      return read_acc(o_ref, acc, interpret), p, m_new, l_new, alpha
+      p, m, l, alpha = _softmax_step(s, m, l, scale=scale,
+                                     mask=mask(masked, j))
+      meet()
+      p = stage_lhs(p.astype(dtype), p_smem)
+      plgpu.barrier_wait(v_ready.at[slot])
+      pv = mma(p, v_smem.at[slot], o_shape)
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc * rows_col(alpha, acc.shape) + pv, m, l
 
-    o, p, m, l, alpha = pl.run_scoped(scope, plgpu.ACC(s_shape, jnp.float32),
-                                      plgpu.ACC(o_shape, jnp.float32))
-    plgpu.barrier_arrive(v_free.at[prev])
-    meet()
-    # o holds P_{j-1} V_{j-1}, taken against m_{j-1}: rescale to m_j.
-    return o * rows_col(alpha, o.shape), m, l, p.astype(dtype)
+    def first(masked):
+      """Overlap: S_0 and its softmax; O starts at 0."""
+      slot = lax.rem(base, num_stages)
+      plgpu.barrier_wait(k_ready.at[slot])
+      s = mma(q_smem, k_smem.at[slot].T, s_shape,
+              after_issue=functools.partial(issued, 0))
+      plgpu.barrier_arrive(k_free.at[slot])
+      p, m, l, _ = _softmax_step(s, wgmma_rows(ROWS_WG, NEG_INF),
+                                 wgmma_rows(ROWS_WG, 0.0), scale=scale,
+                                 mask=mask(masked, 0))
+      meet()
+      return wgmma_full(o_shape, 0.0), m, l, p.astype(dtype)
 
-  def last(total, carry):
-    """Overlap: O += P V of the last step."""
-    acc, m, l, p = carry
-    slot = lax.rem(total - 1, num_stages)
-    plgpu.barrier_wait(v_ready.at[slot])
+    def overlapped(masked, j, carry):
+      """Overlap, step j >= 1: S_j and P_{j-1} V_{j-1} in flight together."""
+      acc, m, l, p_prev = carry
+      slot = lax.rem(base + j, num_stages)
+      prev = lax.rem(base + j - 1, num_stages)
+      plgpu.barrier_wait(k_ready.at[slot])
+      plgpu.barrier_wait(v_ready.at[prev])
 
-    def scope(o_ref):
-      seed_acc(o_ref, acc, interpret)
-      my_turn()
-      plgpu.wgmma(o_ref, stage_lhs(p, p_smem), v_smem.at[slot])
-      issued()
-      return read_acc(o_ref, acc, interpret)
+      def scope(s_ref, o_ref):
+        seed_acc(o_ref, acc, interpret)
+        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+        plgpu.wgmma(o_ref, stage_lhs(p_prev, p_smem), v_smem.at[prev])
+        meet()
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j only
+        plgpu.barrier_arrive(k_free.at[slot])
+        p, m_new, l_new, alpha = _softmax_step(s, m, l, scale=scale,
+                                               mask=mask(masked, j))
+        return read_acc(o_ref, acc, interpret), p, m_new, l_new, alpha
 
-    acc = pl.run_scoped(scope, plgpu.ACC(o_shape, jnp.float32))
-    plgpu.barrier_arrive(v_free.at[slot])
-    return acc, m, l
+      o, p, m, l, alpha = pl.run_scoped(scope,
+                                        plgpu.ACC(s_shape, jnp.float32),
+                                        plgpu.ACC(o_shape, jnp.float32))
+      plgpu.barrier_arrive(v_free.at[prev])
+      meet()
+      # o holds P_{j-1} V_{j-1}, taken against m_{j-1}: rescale to m_j.
+      return o * rows_col(alpha, o.shape), m, l, p.astype(dtype)
 
-  unmasked, total = steps
-  causal = causal_offset is not None
-  init = (wgmma_full(o_shape, 0.0), wgmma_rows(ROWS_WG, NEG_INF),
-          wgmma_rows(ROWS_WG, 0.0))
-  pl.when(wg == 1)(meet)
-  if config.issue_order:  # warpgroup 0 issues first
-    pl.when(wg == 0)(functools.partial(plgpu.barrier_arrive, turn.at[0]))
-  if config.overlap:
-    # Both consumers share `steps`, so they skip (no keys at all) together.
-    carry = lax.cond(total > 0, lambda: first(causal),
-                     lambda: (*init, wgmma_full(s_shape, 0.0).astype(dtype)))
-    carry = lax.fori_loop(1, jnp.maximum(unmasked, 1),
-                          functools.partial(overlapped, False), carry)
-    if causal:
-      carry = lax.fori_loop(jnp.maximum(unmasked, 1), total,
-                            functools.partial(overlapped, True), carry)
-    acc, m, l = lax.cond(total > 0, functools.partial(last, total),
-                         lambda c: c[:3], carry)
-  else:
-    carry = lax.fori_loop(0, unmasked, functools.partial(body, False), init)
-    if causal:
-      carry = lax.fori_loop(unmasked, total, functools.partial(body, True),
-                            carry)
-    acc, m, l = carry
-  pl.when(wg == 0)(meet)
-  if config.issue_order:  # observe warpgroup 1's last hand-over
-    pl.when(wg == 0)(functools.partial(plgpu.barrier_wait, turn.at[0]))
-  # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
-  empty = l == 0.0
-  l_safe = jnp.where(empty, 1.0, l)
-  q_smem[...] = (acc * rows_col(1.0 / l_safe, acc.shape)).astype(dtype)
-  lse_smem.at[wg][...] = jnp.where(empty, NEG_INF, m * LN2 + jnp.log(l_safe))
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(rows, ROWS_WG), h])
-  plgpu.copy_smem_to_gmem(lse_smem.at[wg],
-                          lse_ref.at[b, h, pl.ds(rows, ROWS_WG)])
+    def last(carry):
+      """Overlap: O += P V of the last step."""
+      acc, m, l, p = carry
+      slot = lax.rem(base + total - 1, num_stages)
+      plgpu.barrier_wait(v_ready.at[slot])
+
+      def scope(o_ref):
+        seed_acc(o_ref, acc, interpret)
+        plgpu.wgmma(o_ref, stage_lhs(p, p_smem), v_smem.at[slot])
+        meet()
+        return read_acc(o_ref, acc, interpret)
+
+      acc = pl.run_scoped(scope, plgpu.ACC(o_shape, jnp.float32))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m, l
+
+    causal = causal_offset is not None
+    init = (wgmma_full(o_shape, 0.0), wgmma_rows(ROWS_WG, NEG_INF),
+            wgmma_rows(ROWS_WG, 0.0))
+    plgpu.barrier_wait(q_ready(buf))
+    pl.when(wg == 1)(meet)
+    if config.overlap:
+      # Both consumers share `total`, so they skip (no keys at all) together.
+      carry = lax.cond(total > 0, lambda: first(causal),
+                       lambda: (*init, wgmma_full(s_shape, 0.0).astype(dtype)))
+      carry = lax.fori_loop(1, jnp.maximum(unmasked, 1),
+                            functools.partial(overlapped, False), carry)
+      if causal:
+        carry = lax.fori_loop(jnp.maximum(unmasked, 1), total,
+                              functools.partial(overlapped, True), carry)
+      acc, m, l = lax.cond(total > 0, last, lambda c: c[:3], carry)
+    else:
+      carry = lax.fori_loop(0, unmasked, functools.partial(body, False), init)
+      if causal:
+        carry = lax.fori_loop(unmasked, total, functools.partial(body, True),
+                              carry)
+      acc, m, l = carry
+    pl.when(total == 0)(prefetch)
+    pl.when(wg == 0)(meet)
+    # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    q_smem[...] = (acc * rows_col(1.0 / l_safe, acc.shape)).astype(dtype)
+    lse_smem.at[buf, wg][...] = jnp.where(empty, NEG_INF,
+                                          m * LN2 + jnp.log(l_safe))
+    plgpu.commit_smem()
+    b_rows_h = rows_of(n)
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b_rows_h])
+    b, rows, h = b_rows_h
+    plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg], lse_ref.at[b, h, rows])
+    return base + total
+
+  load_q(0)
+  lax.fori_loop(0, count, run_tile, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
                 v_smem, p_smem, lse_smem, q_bar, k_ready, v_ready, k_free,
                 v_free, turn, *, causal, group, config, interpret):
-  seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
+  batch, seq_q, heads, _ = q_ref.shape
+  seq_kv = k_ref.shape[1]
   block_k, num_stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
-  h, b = lax.axis_index('h'), lax.axis_index('b')
-  i = lax.axis_index('q')
-  if causal:  # the longest rows first: the diagonal's tail runs in the shade
-    i = seq_q // BLOCK_Q - 1 - i
-  q_start = i * BLOCK_Q
-  steps = kv_steps(q_start, BLOCK_Q, block_k, seq_kv, causal_offset)
+  num_q = seq_q // BLOCK_Q
+  # Tiles cta, cta + ctas, ...: all of them, or (persistent) one CTA per SM.
+  cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
+  count = lax.div(num_q * heads * batch - cta + ctas - 1, ctas)
+  tile = lambda n: fwd_tile(cta + n * ctas, num_q, heads, batch, causal)
   wg = lax.axis_index('wg')
 
   @pl.when(wg < NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(CONSUMER_REGS, action='increase')
     _fwd_consumer(
-        q_ref, k_smem, v_smem, qo_smem, p_smem, lse_smem,
-        (q_bar, k_ready, v_ready, k_free, v_free, turn), o_ref, lse_ref, wg=wg,
-        b=b, h=h, q_start=q_start, steps=steps, sm_scale=scale_ref[0],
+        (q_ref, o_ref, lse_ref), (qo_smem, k_smem, v_smem, p_smem, lse_smem),
+        (q_bar, k_ready, v_ready, k_free, v_free, turn), wg=wg,
+        tiles=(count, tile), seq_kv=seq_kv, sm_scale=scale_ref[0],
         causal_offset=causal_offset, config=config, interpret=interpret)
 
   @pl.when(wg == NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(PRODUCER_REGS, action='decrease')
-    kv_h = lax.div(h, group)
-    index = lambda step: (b, pl.ds(step * block_k, block_k), kv_h)
-    produce([(k_free, [(tma_loader(k_ref, k_smem, index), k_ready)]),
-             (v_free, [(tma_loader(v_ref, v_smem, index), v_ready)])],
-            steps[1], num_stages)
+
+    def produce_tile(n, base):
+      i, h, b = tile(n)
+      index = lambda step: (b, pl.ds(step * block_k, block_k),
+                            lax.div(h, group))
+      _, total = kv_steps(i * BLOCK_Q, BLOCK_Q, block_k, seq_kv,
+                          causal_offset)
+      produce([(k_free, [(tma_loader(k_ref, k_smem, index), k_ready)]),
+               (v_free, [(tma_loader(v_ref, v_smem, index), v_ready)])],
+              total, num_stages, base=base, drain=False)
+      return base + total
+
+    steps = lax.fori_loop(0, count, produce_tile, jnp.int32(0))
+    drain_frees([k_free, v_free], steps, num_stages)
 
 
 def scale_input(sm_scale):
@@ -460,35 +507,47 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
   batch, seq_q, heads, head_dim = q.shape
   group = heads // k.shape[2]
   stages, block_k = config.num_stages, config.block_k
-  rows_tile = (NUM_CONSUMERS, ROWS_WG, head_dim)
   kv_tile = (stages, block_k, head_dim)
   consumers = plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages)
   scratch = [
-      smem(rows_tile, q.dtype),  # Q, then O
+      # Q, then O, of a CTA's even and odd tiles.
+      smem((2, NUM_CONSUMERS, ROWS_WG, head_dim), q.dtype),
       smem(kv_tile, q.dtype), smem(kv_tile, q.dtype),
       # The interpreter's wgmma reads A only from shared memory; on the GPU,
       # P goes from registers.
       (smem((NUM_CONSUMERS, ROWS_WG, block_k), q.dtype)
        if interpret_params(interpret) else None),
-      plgpu.SMEM((NUM_CONSUMERS, ROWS_WG), jnp.float32),
-      plgpu.Barrier(num_barriers=NUM_CONSUMERS),
+      plgpu.SMEM((2, NUM_CONSUMERS, ROWS_WG), jnp.float32),
+      plgpu.Barrier(num_barriers=2 * NUM_CONSUMERS),
       plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
       consumers, consumers,
-      # Turns: pingpong's meeting; issue_order's one barrier per consumer.
-      (plgpu.Barrier(num_barriers=NUM_CONSUMERS) if config.issue_order else
-       plgpu.Barrier(num_arrivals=NUM_CONSUMERS)),
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # pingpong's meeting
   ]
-  kernel = functools.partial(_fwd_kernel, causal=causal, group=group,
-                             config=config, interpret=interpret_params(interpret) is not None)
+  kernel = functools.partial(
+      _fwd_kernel, causal=causal, group=group, config=config,
+      interpret=interpret_params(interpret) is not None)
+  tiles = seq_q // BLOCK_Q * heads * batch
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)),
       scratch_types=scratch,
-      grid=(heads, seq_q // BLOCK_Q, batch),
-      grid_names=('h', 'q', 'b'),
+      grid=(min(tiles, persistent_ctas(interpret)) if config.persistent
+            else tiles,),
+      grid_names=('cta',),
       num_threads=NUM_CONSUMERS + 1,
       thread_name='wg',
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret_params(interpret),
   )(q, k, v, scale)
+
+
+def persistent_ctas(interpret):
+  """CTAs of a persistent kernel: one per SM; in interpret mode 3, so that
+  each CTA runs several tiles and the tiles need not divide evenly."""
+  if interpret_params(interpret):
+    return 3
+  try:
+    return jax.devices('gpu')[0].core_count
+  except RuntimeError:  # lowering for CUDA on a machine without a GPU
+    return 132  # H100 and H200 SXM

@@ -69,12 +69,15 @@ FWD_CASES = [
     (Case(1, 384, 128, 2, 2, 96, True), MosaicConfig(64, 2, overlap=True)),
     (Case(1, 128, 256, 2, 2, 80, False, jnp.float16),
      MosaicConfig(64, 3, pingpong=True, overlap=True)),
-    # Turns on wgmma issue only, with and without overlap (no-key rows: both
-    # consumers skip every step, and the hand-overs still pair up).
-    (Case(1, 256, 256, 2, 1, 128, True), MosaicConfig(64, 2,
-                                                      issue_order=True)),
+    # Persistent (3 CTAs in interpret mode): CTAs run 2 or 3 tiles each, so
+    # the Q/O buffers and K/V slots are reused across tiles; with no-key
+    # rows, tiles without a step sit between tiles with steps.
+    (Case(2, 256, 256, 2, 1, 128, True), MosaicConfig(64, 2,
+                                                      persistent=True)),
     (Case(1, 384, 128, 2, 2, 64, True), MosaicConfig(64, 2, overlap=True,
-                                                     issue_order=True)),
+                                                     persistent=True)),
+    (Case(2, 128, 256, 4, 2, 80, False),
+     MosaicConfig(128, 3, pingpong=True, persistent=True)),
 ] + _random_cases(1)
 
 
@@ -83,7 +86,7 @@ def _case_id(case_config):
   return (f'{case}_k{config.block_k}s{config.num_stages}'
           f'{"_pingpong" if config.pingpong else ""}'
           f'{"_overlap" if config.overlap else ""}'
-          f'{"_issue_order" if config.issue_order else ""}')
+          f'{"_persistent" if config.persistent else ""}')
 
 
 @pytest.fixture(autouse=True)
@@ -152,12 +155,13 @@ def test_bwd_interpret_matches_reference_vjp(case, config):
 
 @pytest.mark.parametrize('config', [
     MosaicConfig(64, 2), MosaicConfig(64, 2, pingpong=True, overlap=True),
-    MosaicConfig(64, 2, overlap=True, issue_order=True)],
-                         ids=['plain', 'pingpong_overlap', 'issue_order'])
+    MosaicConfig(64, 2, overlap=True, persistent=True)],
+                         ids=['plain', 'pingpong_overlap', 'persistent'])
 def test_fwd_interpret_no_races(config):
   """The interpreter's happens-before race detector over the mbarrier
-  protocol (TMA writes vs. reads of the K/V slots and the Q/O tile)."""
-  case = Case(1, 128, 256, 2, 1, 64, True)
+  protocol (TMA writes vs. reads of the K/V slots and the Q/O tiles; with
+  persistent, 8 tiles on 3 CTAs reuse both Q/O buffers)."""
+  case = Case(1, 256, 256, 4, 1, 64, True)
   q, k, v, *_ = _inputs(case, jax.random.PRNGKey(1))
   flash_mosaic.flash_fwd(
       q, k, v, sm_scale=0.125, causal=True, config=config,
@@ -273,7 +277,7 @@ def test_lowers_for_sm90(head_dim, causal):
 @pytest.mark.parametrize('head_dim', flash_mosaic.HEAD_DIMS)
 @pytest.mark.parametrize('causal', [False, True])
 def test_variants_lower_for_sm90(head_dim, causal):
-  """The sweep's variants, GPU build: ping-pong + overlap and issue order +
+  """The sweep's variants, GPU build: ping-pong + overlap and persistent +
   overlap forwards at the largest key block, and the fused backward where
   it runs; the interpreter lacks the accumulator store (overlap) and TMA
   reduce-add (fused) that only this build uses."""
@@ -287,7 +291,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
         q, k, v, config=MosaicConfig(128, 2, pingpong=True, overlap=True),
         **kwargs)
     o2, _ = flash_mosaic.flash_fwd(
-        q, k, v, config=MosaicConfig(128, 2, overlap=True, issue_order=True),
+        q, k, v, config=MosaicConfig(128, 2, overlap=True, persistent=True),
         **kwargs)
     return flash_mosaic_vjp.flash_bwd(
         q, k, v, o, lse, do, None, config=MosaicBwdConfig(fused=fused),
@@ -410,6 +414,12 @@ GPU_CASES = [
     Case(1, 2048, 2048, 4, 1, 80, True),
     Case(1, 512, 1536, 2, 2, 96, True),
     Case(1, 1024, 256, 2, 2, 128, True),   # rows that see no key
+    # More tiles than SMs: the default forward is persistent up to 1024 keys,
+    # so each CTA runs several tiles (with no-key rows: some without steps).
+    Case(8, 1024, 1024, 8, 2, 64, True),
+    Case(4, 1024, 1024, 8, 8, 80, False),
+    Case(4, 512, 1024, 16, 4, 128, True),
+    Case(4, 1024, 256, 8, 2, 96, True),
 ] + _gpu_cases(6)
 
 
@@ -437,7 +447,7 @@ def test_gpu_auto_picks_mosaic_on_hopper():
 GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, pingpong=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True)),
-    fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, issue_order=True)),
+    fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, persistent=True)),
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
@@ -452,7 +462,7 @@ def _variant_id(tuning):
     parts.append(f'fwd_k{tuning.fwd.block_k}'
                  f'{"_pingpong" if tuning.fwd.pingpong else ""}'
                  f'{"_overlap" if tuning.fwd.overlap else ""}'
-                 f'{"_issue_order" if tuning.fwd.issue_order else ""}')
+                 f'{"_persistent" if tuning.fwd.persistent else ""}')
   if tuning.bwd is not None:
     parts.append('bwd' + _bwd_config_id(tuning.bwd))
   return '-'.join(parts)
