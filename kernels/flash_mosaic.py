@@ -1,7 +1,9 @@
 """FlashAttention forward for Hopper (sm_90) in Pallas Mosaic GPU, and the
 pieces that the backward in flash_mosaic_vjp.py shares.
 
-One CTA per (128 query rows, head, batch row), three warpgroups:
+One CTA per tile of (128 query rows, head, batch row), or, persistent
+(MosaicConfig.persistent), one per SM running several tiles; three
+warpgroups:
   - warpgroups 0 and 1 (consumers) each own 64 query rows (wgmma's M), run
     S = Q K^T and O += P V on the tensor cores with wgmma and the online
     softmax in registers;
@@ -56,11 +58,12 @@ class MosaicConfig:
     runs softmax(S_j) while P V is still on the tensor cores (FA3's
     intra-warpgroup pipelining); O is accumulated in place in the wgmma
     accumulator. Costs registers: S_j, O and P_{j-1} are live at once.
-  persistent: one CTA per SM, each running a share of the (query block,
-    head, batch row) tiles in turn: the producer streams the next tile's K
-    and V while the consumers finish the current one, and each consumer
-    loads its next Q during the current tile and stores O without waiting,
-    so a short tile's prologue and epilogue overlap its neighbours' work.
+  persistent: one CTA per SM, each running every SM-count-th (query block,
+    head, batch row) tile (fwd_tile's order) in turn: the producer streams
+    the next tile's K and V while the consumers finish the current one, and
+    each consumer loads its next Q during the current tile (two Q/O
+    buffers) and stores O without waiting, so a short tile's prologue and
+    epilogue overlap its neighbours' work. Otherwise one CTA per tile.
   """
   block_k: int = 128
   num_stages: int = 2
@@ -71,9 +74,10 @@ class MosaicConfig:
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
     """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01); the
-    key block is 128 unless a 256 one divides seq_kv. Persistent up to
-    1024 keys: short tiles gained 13-40% at d64, long ones lose 2-5%."""
-    persistent = seq_kv <= 1024
+    key block is 128 unless a 256 one divides seq_kv. Persistent where it
+    won: up to 1024 keys at d64, 512 above (at 1024 keys, d128 lost 8-14%
+    with it and d80 won or lost by 5-9%)."""
+    persistent = seq_kv <= (1024 if head_dim <= 64 else 512)
     if head_dim <= 64:  # ping-pong; a 256-key block only without the mask
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
@@ -271,7 +275,8 @@ def fwd_tile(t, num_q, heads, batch, causal):
 def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
                   causal_offset, config, interpret):
   """Runs this CTA's tiles: tiles = (count, tile(n) -> (query block, head,
-  batch row) of its n-th). sm_scale: a traced float32 scalar (scale_input)."""
+  batch row) of its n-th); count is the int 1 without persistence.
+  sm_scale: a traced float32 scalar (scale_input)."""
   q_ref, o_ref, lse_ref = refs
   qo_smem, k_smem, v_smem, p_smem, lse_smem = smem_refs
   q_bar, k_ready, v_ready, k_free, v_free, turn = bars
@@ -291,8 +296,10 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
   def q_ready(buf):
     return q_bar.at[buf * NUM_CONSUMERS + wg]
 
-  def load_q(n):  # Q, then O, of tile n live in buffer n % 2
-    buf = lax.rem(n, 2)
+  buffers = qo_smem.shape[0]
+
+  def load_q(n):  # Q, then O, of tile n live in buffer n % buffers
+    buf = lax.rem(n, buffers)
     plgpu.copy_gmem_to_smem(q_ref.at[rows_of(n)], qo_smem.at[buf, wg],
                             q_ready(buf))
 
@@ -306,7 +313,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
   def run_tile(n, base):
     """Tile n; its step j uses K/V slot (base + j) % stages. Returns base
     plus the tile's steps."""
-    buf = lax.rem(n, 2)
+    buf = lax.rem(n, buffers)
     i, _, _ = tile(n)
     q_smem = qo_smem.at[buf, wg]
     q_pos = i * BLOCK_Q + wg * ROWS_WG + wgmma_iota(s_shape, 0)
@@ -323,7 +330,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
         load_q(n + 1)
 
     def issued(j):
-      pl.when(j == 0)(prefetch)
+      if config.persistent:
+        pl.when(j == 0)(prefetch)
       meet()
 
     def mask(masked, j):
@@ -424,7 +432,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
         carry = lax.fori_loop(unmasked, total, functools.partial(body, True),
                               carry)
       acc, m, l = carry
-    pl.when(total == 0)(prefetch)
+    if config.persistent:
+      pl.when(total == 0)(prefetch)
     pl.when(wg == 0)(meet)
     # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
     empty = l == 0.0
@@ -440,7 +449,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
     return base + total
 
   load_q(0)
-  lax.fori_loop(0, count, run_tile, jnp.int32(0))
+  over_tiles(count, run_tile)
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -452,10 +461,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
   block_k, num_stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
   num_q = seq_q // BLOCK_Q
-  # Tiles cta, cta + ctas, ...: all of them, or (persistent) one CTA per SM.
-  cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
-  count = lax.div(num_q * heads * batch - cta + ctas - 1, ctas)
-  tile = lambda n: fwd_tile(cta + n * ctas, num_q, heads, batch, causal)
+  if config.persistent:  # tiles cta, cta + ctas, ...
+    cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
+    count = lax.div(num_q * heads * batch - cta + ctas - 1, ctas)
+    tile = lambda n: fwd_tile(cta + n * ctas, num_q, heads, batch, causal)
+  else:  # one tile per CTA; causal: the longest rows first
+    q = lax.axis_index('q')
+    count = 1
+    tile = lambda n: (num_q - 1 - q if causal else q, lax.axis_index('h'),
+                      lax.axis_index('b'))
   wg = lax.axis_index('wg')
 
   @pl.when(wg < NUM_CONSUMERS)
@@ -482,8 +496,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
               total, num_stages, base=base, drain=False)
       return base + total
 
-    steps = lax.fori_loop(0, count, produce_tile, jnp.int32(0))
+    steps = over_tiles(count, produce_tile)
     drain_frees([k_free, v_free], steps, num_stages)
+
+
+def over_tiles(count, run_tile):
+  """run_tile(n, steps before) over a CTA's tiles; the K/V steps of all.
+  count == 1 (a CTA per tile): no loop, so that kernel stays as simple as
+  a kernel without persistence."""
+  if isinstance(count, int) and count == 1:
+    return run_tile(0, 0)
+  return lax.fori_loop(0, count, run_tile, jnp.int32(0))
 
 
 def scale_input(sm_scale):
@@ -509,16 +532,17 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
   stages, block_k = config.num_stages, config.block_k
   kv_tile = (stages, block_k, head_dim)
   consumers = plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages)
+  # Q, then O; persistent: of a CTA's even and odd tiles.
+  buffers = 2 if config.persistent else 1
   scratch = [
-      # Q, then O, of a CTA's even and odd tiles.
-      smem((2, NUM_CONSUMERS, ROWS_WG, head_dim), q.dtype),
+      smem((buffers, NUM_CONSUMERS, ROWS_WG, head_dim), q.dtype),
       smem(kv_tile, q.dtype), smem(kv_tile, q.dtype),
       # The interpreter's wgmma reads A only from shared memory; on the GPU,
       # P goes from registers.
       (smem((NUM_CONSUMERS, ROWS_WG, block_k), q.dtype)
        if interpret_params(interpret) else None),
-      plgpu.SMEM((2, NUM_CONSUMERS, ROWS_WG), jnp.float32),
-      plgpu.Barrier(num_barriers=2 * NUM_CONSUMERS),
+      plgpu.SMEM((buffers, NUM_CONSUMERS, ROWS_WG), jnp.float32),
+      plgpu.Barrier(num_barriers=buffers * NUM_CONSUMERS),
       plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
       consumers, consumers,
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # pingpong's meeting
@@ -532,9 +556,9 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)),
       scratch_types=scratch,
-      grid=(min(tiles, persistent_ctas(interpret)) if config.persistent
-            else tiles,),
-      grid_names=('cta',),
+      grid=((min(tiles, persistent_ctas(interpret)),) if config.persistent
+            else (heads, seq_q // BLOCK_Q, batch)),
+      grid_names=('cta',) if config.persistent else ('h', 'q', 'b'),
       num_threads=NUM_CONSUMERS + 1,
       thread_name='wg',
       compiler_params=plgpu.CompilerParams(approx_math=True),
