@@ -82,8 +82,9 @@ class MosaicConfig:
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
       return cls(128, 3, pingpong=True, persistent=persistent)
-    # Shared memory (bf16): Q/O 2 x 128 x d, plus stages x 2 x block_k x d
-    # for K and V: d128 with 3 stages would need 288 KiB of the 227.
+    # Shared memory (bf16): Q/O 128 x d (persistent: twice), plus stages x 2
+    # x block_k x d for K and V: d128 with 3 stages takes 224 KiB before
+    # the lse and barriers (227.1 with them, past the 227; persistent 256).
     return cls(block_k=128, num_stages=2, overlap=True, persistent=persistent)
 
 
@@ -272,10 +273,10 @@ def fwd_tile(t, num_q, heads, batch, causal):
       t, num_q * heads)
 
 
-def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
+def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
                   causal_offset, config, interpret):
-  """Runs this CTA's tiles: tiles = (count, tile(n) -> (query block, head,
-  batch row) of its n-th); count is the int 1 without persistence.
+  """Runs this CTA's `count` tiles (the int 1 without persistence); tile(n)
+  is its n-th's (query block, head, batch row, (unmasked, total) steps).
   sm_scale: a traced float32 scalar (scale_input)."""
   q_ref, o_ref, lse_ref = refs
   qo_smem, k_smem, v_smem, p_smem, lse_smem = smem_refs
@@ -285,18 +286,17 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
   dtype = q_ref.dtype
   block_k, num_stages = config.block_k, config.num_stages
   scale = sm_scale * LOG2E
-  count, tile = tiles
   s_shape = (ROWS_WG, block_k)
   o_shape = (ROWS_WG, head_dim)
 
   def rows_of(n):
-    i, h, b = tile(n)
+    i, h, b, _ = tile(n)
     return b, pl.ds(i * BLOCK_Q + wg * ROWS_WG, ROWS_WG), h
 
   def q_ready(buf):
     return q_bar.at[buf * NUM_CONSUMERS + wg]
 
-  buffers = qo_smem.shape[0]
+  buffers = qo_buffers(config)
 
   def load_q(n):  # Q, then O, of tile n live in buffer n % buffers
     buf = lax.rem(n, buffers)
@@ -314,11 +314,9 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
     """Tile n; its step j uses K/V slot (base + j) % stages. Returns base
     plus the tile's steps."""
     buf = lax.rem(n, buffers)
-    i, _, _ = tile(n)
+    i, _, _, (unmasked, total) = tile(n)
     q_smem = qo_smem.at[buf, wg]
     q_pos = i * BLOCK_Q + wg * ROWS_WG + wgmma_iota(s_shape, 0)
-    unmasked, total = kv_steps(i * BLOCK_Q, BLOCK_Q, block_k, seq_kv,
-                               causal_offset)
 
     def prefetch():
       """The next tile's Q into the other buffer, once the TMA store of the
@@ -329,7 +327,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         load_q(n + 1)
 
-    def issued(j):
+    def after_issue(j):  # of step j's first wgmmas
       if config.persistent:
         pl.when(j == 0)(prefetch)
       meet()
@@ -344,7 +342,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
       slot = lax.rem(base + j, num_stages)
       plgpu.barrier_wait(k_ready.at[slot])
       s = mma(q_smem, k_smem.at[slot].T, s_shape,
-              after_issue=functools.partial(issued, j))
+              after_issue=functools.partial(after_issue, j))
       plgpu.barrier_arrive(k_free.at[slot])
       p, m, l, alpha = _softmax_step(s, m, l, scale=scale,
                                      mask=mask(masked, j))
@@ -360,7 +358,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
       slot = lax.rem(base, num_stages)
       plgpu.barrier_wait(k_ready.at[slot])
       s = mma(q_smem, k_smem.at[slot].T, s_shape,
-              after_issue=functools.partial(issued, 0))
+              after_issue=functools.partial(after_issue, 0))
       plgpu.barrier_arrive(k_free.at[slot])
       p, m, l, _ = _softmax_step(s, wgmma_rows(ROWS_WG, NEG_INF),
                                  wgmma_rows(ROWS_WG, 0.0), scale=scale,
@@ -442,9 +440,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, tiles, seq_kv, sm_scale,
     lse_smem.at[buf, wg][...] = jnp.where(empty, NEG_INF,
                                           m * LN2 + jnp.log(l_safe))
     plgpu.commit_smem()
-    b_rows_h = rows_of(n)
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b_rows_h])
-    b, rows, h = b_rows_h
+    b, rows, h = rows_of(n)
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
     plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg], lse_ref.at[b, h, rows])
     return base + total
 
@@ -464,12 +461,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
   if config.persistent:  # tiles cta, cta + ctas, ...
     cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
     count = lax.div(num_q * heads * batch - cta + ctas - 1, ctas)
-    tile = lambda n: fwd_tile(cta + n * ctas, num_q, heads, batch, causal)
+    tile_index = lambda n: fwd_tile(cta + n * ctas, num_q, heads, batch,
+                                    causal)
   else:  # one tile per CTA; causal: the longest rows first
     q = lax.axis_index('q')
     count = 1
-    tile = lambda n: (num_q - 1 - q if causal else q, lax.axis_index('h'),
-                      lax.axis_index('b'))
+    tile_index = lambda n: (num_q - 1 - q if causal else q,
+                            lax.axis_index('h'), lax.axis_index('b'))
+
+  def tile(n):  # what the consumers and the producer agree on
+    i, h, b = tile_index(n)
+    return i, h, b, kv_steps(i * BLOCK_Q, BLOCK_Q, block_k, seq_kv,
+                             causal_offset)
+
   wg = lax.axis_index('wg')
 
   @pl.when(wg < NUM_CONSUMERS)
@@ -478,7 +482,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
     _fwd_consumer(
         (q_ref, o_ref, lse_ref), (qo_smem, k_smem, v_smem, p_smem, lse_smem),
         (q_bar, k_ready, v_ready, k_free, v_free, turn), wg=wg,
-        tiles=(count, tile), seq_kv=seq_kv, sm_scale=scale_ref[0],
+        count=count, tile=tile, sm_scale=scale_ref[0],
         causal_offset=causal_offset, config=config, interpret=interpret)
 
   @pl.when(wg == NUM_CONSUMERS)
@@ -486,11 +490,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
     plgpu.set_max_registers(PRODUCER_REGS, action='decrease')
 
     def produce_tile(n, base):
-      i, h, b = tile(n)
+      _, h, b, (_, total) = tile(n)
       index = lambda step: (b, pl.ds(step * block_k, block_k),
                             lax.div(h, group))
-      _, total = kv_steps(i * BLOCK_Q, BLOCK_Q, block_k, seq_kv,
-                          causal_offset)
       produce([(k_free, [(tma_loader(k_ref, k_smem, index), k_ready)]),
                (v_free, [(tma_loader(v_ref, v_smem, index), v_ready)])],
               total, num_stages, base=base, drain=False)
@@ -501,9 +503,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
 
 
 def over_tiles(count, run_tile):
-  """run_tile(n, steps before) over a CTA's tiles; the K/V steps of all.
-  count == 1 (a CTA per tile): no loop, so that kernel stays as simple as
-  a kernel without persistence."""
+  """Runs steps = run_tile(n, steps) for n < count from steps = 0: the K/V
+  steps of all a CTA's tiles. count the int 1 (a CTA per tile): no loop,
+  so that kernel stays as simple as one without persistence."""
   if isinstance(count, int) and count == 1:
     return run_tile(0, 0)
   return lax.fori_loop(0, count, run_tile, jnp.int32(0))
@@ -533,7 +535,7 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
   kv_tile = (stages, block_k, head_dim)
   consumers = plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages)
   # Q, then O; persistent: of a CTA's even and odd tiles.
-  buffers = 2 if config.persistent else 1
+  buffers = qo_buffers(config)
   scratch = [
       smem((buffers, NUM_CONSUMERS, ROWS_WG, head_dim), q.dtype),
       smem(kv_tile, q.dtype), smem(kv_tile, q.dtype),
@@ -564,6 +566,12 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret_params(interpret),
   )(q, k, v, scale)
+
+
+def qo_buffers(config):
+  """Q/O buffers: persistent, two, so the next tile's Q loads while the
+  current tile runs."""
+  return 2 if config.persistent else 1
 
 
 def persistent_ctas(interpret):

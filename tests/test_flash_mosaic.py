@@ -69,15 +69,19 @@ FWD_CASES = [
     (Case(1, 384, 128, 2, 2, 96, True), MosaicConfig(64, 2, overlap=True)),
     (Case(1, 128, 256, 2, 2, 80, False, jnp.float16),
      MosaicConfig(64, 3, pingpong=True, overlap=True)),
-    # Persistent (3 CTAs in interpret mode): CTAs run 2 or 3 tiles each, so
-    # the Q/O buffers and K/V slots are reused across tiles; with no-key
-    # rows, tiles without a step sit between tiles with steps.
+    # Persistent (3 CTAs in interpret mode): CTAs run 2 to 4 tiles each, so
+    # the Q/O buffers and K/V slots are reused across tiles. With no-key
+    # rows (seq_q > seq_kv, causal), tiles without a step come after tiles
+    # with steps; with two batch rows (b2 q384 k128), also before them.
     (Case(2, 256, 256, 2, 1, 128, True), MosaicConfig(64, 2,
                                                       persistent=True)),
     (Case(1, 384, 128, 2, 2, 64, True), MosaicConfig(64, 2, overlap=True,
                                                      persistent=True)),
     (Case(2, 128, 256, 4, 2, 80, False),
      MosaicConfig(128, 3, pingpong=True, persistent=True)),
+    (Case(2, 384, 128, 2, 1, 64, True), MosaicConfig(64, 2, persistent=True)),
+    (Case(2, 384, 128, 2, 1, 96, True),
+     MosaicConfig(128, 2, pingpong=True, persistent=True)),
 ] + _random_cases(1)
 
 
@@ -414,10 +418,11 @@ GPU_CASES = [
     Case(1, 2048, 2048, 4, 1, 80, True),
     Case(1, 512, 1536, 2, 2, 96, True),
     Case(1, 1024, 256, 2, 2, 128, True),   # rows that see no key
-    # More tiles than SMs: where the default forward is persistent (d64 up to
-    # 1024 keys, d96 up to 512), each CTA runs several tiles (with no-key
-    # rows: some without steps). On 2026-12-01 all four ran persistent on an
-    # H200 (the default then) and passed.
+    # More tiles than SMs: where the default forward is persistent (here the
+    # d64 and d96 cases), each CTA runs several tiles (with no-key rows: some
+    # without steps); GPU_VARIANTS runs the d80 and d128 ones persistent too.
+    # On 2026-12-01 all four ran persistent on an H200 (the default then)
+    # and passed.
     Case(8, 1024, 1024, 8, 2, 64, True),
     Case(4, 1024, 1024, 8, 8, 80, False),
     Case(4, 512, 1024, 16, 4, 128, True),
@@ -456,7 +461,7 @@ GPU_VARIANTS = [
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
-                     GPU_CASES[7]]  # more tiles than SMs
+                     GPU_CASES[6], GPU_CASES[7]]  # more tiles than SMs
 
 
 def _variant_id(tuning):
