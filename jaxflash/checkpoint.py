@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxflash import distributed
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written, or none in the workdir can be read."""
@@ -140,7 +142,7 @@ def _set_aside(manager, failed, step):
       print(f'warning: checkpoint {bad} in {manager.directory} is unreadable '
             f'({cause}); moved it to {name}; resuming from checkpoint {step}',
             flush=True)
-  multihost_utils.sync_global_devices('unreadable checkpoints set aside')
+  distributed.wait_for_all('unreadable checkpoints set aside')
   manager.reload()
 
 

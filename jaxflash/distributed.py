@@ -1,10 +1,19 @@
-"""Starting JAX on several processes (hosts) before anything else runs."""
+"""Starting JAX on several processes (hosts) before anything else runs, and
+waiting for each other."""
+import itertools
 import os
 
 import jax
+import orbax.checkpoint as ocp
 
 # Environment variables by which jax.distributed recognises its launchers.
 _LAUNCHERS = {'SLURM_NTASKS': 'SLURM', 'OMPI_COMM_WORLD_SIZE': 'Open MPI'}
+
+
+# Process 0 may take minutes alone (preparing data, moving checkpoints aside)
+# while the others wait for it.
+BARRIER_TIMEOUT_S = 30 * 60
+_barrier_ids = itertools.count()
 
 
 class LaunchError(ValueError):
@@ -40,3 +49,13 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
   if num_processes is not None and jax.process_count() != num_processes:
     raise LaunchError(f'--num_processes={num_processes} but JAX found '
                       f'{jax.process_count()} processes')
+
+
+def wait_for_all(name):
+  """Returns once every process has reached wait_for_all(name). A barrier of
+  jax.distributed's coordination service (through Orbax), with our timeout:
+  a collective such as sync_global_devices gives up after gloo's 30 s on
+  CPU. Every process calls it in the same order, so ids stay unique."""
+  ocp.multihost.get_barrier_sync_fn()(
+      key=f'{name} ({next(_barrier_ids)})',
+      timeout_ms=BARRIER_TIMEOUT_S * 1000)

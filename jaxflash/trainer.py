@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxflash import checkpoint
 from jaxflash import config as config_lib
+from jaxflash import distributed
 from jaxflash import loss as loss_lib
 from jaxflash import metrics as metrics_lib
 from jaxflash import optimizer as optimizer_lib
@@ -213,7 +213,7 @@ def train(config, workdir):
     # Process 0 first, so processes sharing a disk do not all build it.
     if jax.process_index() == 0:
       prepare.prepare_sample(config.data.data_dir)
-    multihost_utils.sync_global_devices('sample data prepared')
+    distributed.wait_for_all('sample data prepared')
     prepare.prepare_sample(config.data.data_dir)
 
   mesh = sharding.make_mesh(config.mesh, num_devices)

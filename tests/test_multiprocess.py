@@ -29,11 +29,17 @@ def launch(workdir, data_dir, steps, num_processes, devices_per_process):
     port = free_port()
     args += [f'--coordinator_address=localhost:{port}',
              f'--num_processes={num_processes}']
-  procs = [subprocess.Popen(
-      args + ([f'--process_id={i}'] if num_processes > 1 else []), cwd=ROOT,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(num_processes)]
-  outputs = [p.communicate(timeout=600) for p in procs]
+  return run_together(
+      [args + ([f'--process_id={i}'] if num_processes > 1 else [])
+       for i in range(num_processes)], env)
+
+
+def run_together(commands, env, timeout=600):
+  """Runs the commands at once; their stdouts, once all have succeeded."""
+  procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for command in commands]
+  outputs = [p.communicate(timeout=timeout) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   return [out for out, _ in outputs]
@@ -74,3 +80,28 @@ def test_bad_launch_flags(tmp_path, flags, message):
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+_WAIT_FOR_SLOW_PROCESS_0 = '''
+import sys, time
+import numpy as np
+from jax.experimental import multihost_utils
+from jaxflash import distributed
+pid = int(sys.argv[2])
+distributed.initialize(sys.argv[1], 2, pid)
+if pid == 0:
+  time.sleep(40)  # longer than gloo's 30 s wait for a collective's peers
+distributed.wait_for_all('process 0 is done')
+print(multihost_utils.process_allgather(np.int32(pid)).tolist())
+'''
+
+
+def test_wait_for_all_outlasts_a_slow_process_0():
+  """Process 0 working alone for 40 s (preparing the sample data, say) must
+  not fail the others: with sync_global_devices they did, its gloo
+  collective giving up after 30 s."""
+  address = f'localhost:{free_port()}'
+  outs = run_together(
+      [[sys.executable, '-c', _WAIT_FOR_SLOW_PROCESS_0, address, str(i)]
+       for i in range(2)], dict(os.environ, JAX_NUM_CPU_DEVICES='1'))
+  assert [out.splitlines()[-1] for out in outs] == ['[0, 1]'] * 2
