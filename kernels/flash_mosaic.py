@@ -289,9 +289,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
   s_shape = (ROWS_WG, block_k)
   o_shape = (ROWS_WG, head_dim)
 
-  def rows_of(n):
-    i, h, b, _ = tile(n)
-    return b, pl.ds(i * BLOCK_Q + wg * ROWS_WG, ROWS_WG), h
+  def my_rows(i):  # of query block i
+    return pl.ds(i * BLOCK_Q + wg * ROWS_WG, ROWS_WG)
 
   def q_ready(buf):
     return q_bar.at[buf * NUM_CONSUMERS + wg]
@@ -300,7 +299,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
 
   def load_q(n):  # Q, then O, of tile n live in buffer n % buffers
     buf = lax.rem(n, buffers)
-    plgpu.copy_gmem_to_smem(q_ref.at[rows_of(n)], qo_smem.at[buf, wg],
+    i, h, b, _ = tile(n)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, my_rows(i), h], qo_smem.at[buf, wg],
                             q_ready(buf))
 
   def meet():
@@ -314,7 +314,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     """Tile n; its step j uses K/V slot (base + j) % stages. Returns base
     plus the tile's steps."""
     buf = lax.rem(n, buffers)
-    i, _, _, (unmasked, total) = tile(n)
+    i, h, b, (unmasked, total) = tile(n)
     q_smem = qo_smem.at[buf, wg]
     q_pos = i * BLOCK_Q + wg * ROWS_WG + wgmma_iota(s_shape, 0)
 
@@ -440,9 +440,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     lse_smem.at[buf, wg][...] = jnp.where(empty, NEG_INF,
                                           m * LN2 + jnp.log(l_safe))
     plgpu.commit_smem()
-    b, rows, h = rows_of(n)
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
-    plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg], lse_ref.at[b, h, rows])
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, my_rows(i), h])
+    plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg], lse_ref.at[b, h, my_rows(i)])
     return base + total
 
   load_q(0)
@@ -552,14 +551,14 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
   kernel = functools.partial(
       _fwd_kernel, causal=causal, group=group, config=config,
       interpret=interpret_params(interpret) is not None)
-  tiles = seq_q // BLOCK_Q * heads * batch
+  num_q = seq_q // BLOCK_Q
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)),
       scratch_types=scratch,
-      grid=((min(tiles, persistent_ctas(interpret)),) if config.persistent
-            else (heads, seq_q // BLOCK_Q, batch)),
+      grid=((min(num_q * heads * batch, persistent_ctas(interpret)),)
+            if config.persistent else (heads, num_q, batch)),
       grid_names=('cta',) if config.persistent else ('h', 'q', 'b'),
       num_threads=NUM_CONSUMERS + 1,
       thread_name='wg',
