@@ -200,8 +200,10 @@ def _prepare_workdir(workdir, config):
           'model', f'the checkpoints in {workdir} hold another model shape ('
           f'{"; ".join(differ)}); use another --workdir')
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
+    # Whole or not at all: the other processes may be reading it just now.
+    with open(path + '.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + '.tmp', path)
 
 
 def train(config, workdir):

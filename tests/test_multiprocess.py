@@ -40,8 +40,10 @@ def run_together(commands, env, timeout=600):
                             stderr=subprocess.PIPE, text=True)
            for command in commands]
   outputs = [p.communicate(timeout=timeout) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  failed = [f'process {i} (exit {p.returncode}):\n{err[-3000:]}'
+            for i, (p, (_, err)) in enumerate(zip(procs, outputs))
+            if p.returncode != 0]
+  assert not failed, '\n'.join(failed)
   return [out for out, _ in outputs]
 
 
