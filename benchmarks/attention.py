@@ -245,9 +245,10 @@ def mosaic_variants(head_dim):
           if head_dim <= 64 else [])
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim in FUSED_HEAD_DIMS:
-    bwd.append(MosaicBwdConfig(fused=True))
-    if head_dim <= 64:  # a third stage fits in smem only below d128
-      bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
+    # A third stage fits in smem only below d128.
+    fused = MosaicBwdConfig(num_stages=3 if head_dim <= 64 else 2,
+                            fused=True)
+    bwd += [fused, dataclasses.replace(fused, dq_lag=True)]
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
           [('bwd', MosaicTuning(bwd=c)) for c in bwd])
 
@@ -261,7 +262,7 @@ def describe_mosaic(part, tuning):
             f'{" persistent" if c.persistent else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
-          f'{" fused" if c.fused else ""}')
+          f'{" fused" if c.fused else ""}{" dq_lag" if c.dq_lag else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):

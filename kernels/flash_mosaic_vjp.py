@@ -44,11 +44,16 @@ class MosaicBwdConfig:
     (dq_part: at d128 one per consumer every step, at d64 in turns). Needs
     block_q == 64 (wgmma's M), head_dim in FUSED_HEAD_DIMS, and an extra
     float32 pass over dQ.
+  dq_lag: fused: each step computes the previous step's dQ (the last one's
+    after the loop), so a consumer waits for the other's dS^T a step after
+    it was written: the consumers need not run in phase, and one's
+    softmax can run while the other's matmuls do.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
+  dq_lag: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -63,6 +68,8 @@ class MosaicBwdConfig:
     if self.fused and self.block_q != fm.ROWS_WG:
       raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
                        f'{self.block_q}')
+    if self.dq_lag and not self.fused:
+      raise ValueError('dq_lag needs fused=True')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -149,26 +156,33 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     plgpu.barrier_arrive(ds_free.at[buf])
     return dq
 
-  def add_dq(step, g, i, part, dq):
-    dst = dq_ref.at[b, pl.ds(i * bq, bq), kv_h * group + g,
-                    pl.ds(part * DQ_COLS, DQ_COLS)]
-    buf = lax.rem(step, 2)
+  def dq_of(step, part):
+    """dQ_part of `step`'s query rows reduce-added into dq_ref, through
+    this consumer's dQ buffers in turn (d64: it computes every other
+    step's, so the step's parity would always pick the same buffer)."""
+    dq = pl.run_scoped(functools.partial(dq_part, step, part),
+                       plgpu.ACC((bq, DQ_COLS), jnp.float32))
+    h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
+    dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
+    buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
     _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
                  None if dq_bar is None else dq_bar.at[wg], interpret)
 
-  def dq_turn(step, g, i):
+  def dq_turn(step):
     """d64: the consumer whose turn it is computes the one part; the other
     frees the buffer at once (ds_free wants both)."""
     mine = lax.rem(step, 2) == wg
-
-    @pl.when(mine)
-    def _():
-      dq = pl.run_scoped(functools.partial(dq_part, step, 0),
-                         plgpu.ACC((bq, DQ_COLS), jnp.float32))
-      add_dq(step, g, i, 0, dq)
-
+    pl.when(mine)(functools.partial(dq_of, step, 0))
     pl.when(jnp.logical_not(mine))(functools.partial(
         plgpu.barrier_arrive, ds_free.at[lax.rem(step, 2)]))
+
+  def dq_for(step):
+    """The dQ work of `step`: its own (dq_lag: the previous step's)."""
+    if not config.dq_lag:
+      return (dq_of(step, wg) if part_per_consumer else dq_turn(step))
+    run = functools.partial(dq_of, step - 1, wg) if part_per_consumer else (
+        functools.partial(dq_turn, step - 1))
+    pl.when(step > 0)(run)
 
   def scores(masked, i, slot, s_t):
     """P^T from raw S^T, masked on the diagonal."""
@@ -190,14 +204,15 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   def body(masked, g, i, carry):
     """S^T and dP^T issued back to back; P^T computed while dP^T runs, dS^T
     while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
-    accumulators, so no second register tile)."""
+    accumulators, so no second register tile). d128 fused: the dQ half
+    right behind dK."""
     dk, dv = carry
     step = g * per_head + i - lo
     slot = lax.rem(step, stages)
     plgpu.barrier_wait(q_ready.at[slot])
     plgpu.barrier_wait(do_ready.at[slot])
 
-    def scope(s_ref, dp_ref, dv_ref, dk_ref, *dq_ref):
+    def scope(s_ref, dp_ref, dv_ref, dk_ref):
       plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
       plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
       p_t = scores(masked, i, slot,
@@ -214,22 +229,19 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
         share_ds(step, ds_t)
       fm.seed_acc(dk_ref, dk, interpret)
       plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
-      dq = dq_part(step, wg, dq_ref[0]) if part_per_consumer else None
+      if part_per_consumer:
+        dq_for(step)
       return (fm.read_acc(dk_ref, dk, interpret),
-              fm.read_acc(dv_ref, dv, interpret), dq)
+              fm.read_acc(dv_ref, dv, interpret))
 
     o_shape = (fm.ROWS_WG, head_dim)
-    dq_acc = ([plgpu.ACC((bq, DQ_COLS), jnp.float32)] if part_per_consumer
-              else [])
-    dk, dv, dq = pl.run_scoped(
+    dk, dv = pl.run_scoped(
         scope, plgpu.ACC(st_shape, jnp.float32),
         plgpu.ACC(st_shape, jnp.float32), plgpu.ACC(o_shape, jnp.float32),
-        plgpu.ACC(o_shape, jnp.float32), *dq_acc)
+        plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
-    if part_per_consumer:
-      add_dq(step, g, i, wg, dq)
-    elif config.fused:
-      dq_turn(step, g, i)
+    if config.fused and not part_per_consumer:
+      dq_for(step)
     return dk, dv
 
   def head(g, carry):
@@ -244,6 +256,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       plgpu.barrier_arrive(ds_free.at[buf])
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  if config.dq_lag:  # the last step's dQ
+    dq_for(group * per_head)
   if config.fused:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])
@@ -253,6 +267,13 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[src])
   plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[src])
   plgpu.wait_smem_to_gmem(0)
+
+
+def _step_rows(step, kv_h, group, lo, per_head, block_q):
+  """(q head, query rows) of a dK/dV CTA's step: per_head query blocks from
+  block lo of each of its kv head's `group` q heads in turn."""
+  h = kv_h * group + lax.div(step, per_head)
+  return h, pl.ds((lo + lax.rem(step, per_head)) * block_q, block_q)
 
 
 def _q_range(k_start, block_q, seq_q, causal_offset):
@@ -300,16 +321,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
     lo, _, num_q = q_range
     per_head, bq = num_q - lo, config.block_q
 
-    def head_and_rows(step):
-      h = kv_h * group + lax.div(step, per_head)
-      return h, pl.ds((lo + lax.rem(step, per_head)) * bq, bq)
-
     def tile(step):
-      h, rows = head_and_rows(step)
+      h, rows = _step_rows(step, kv_h, group, lo, per_head, bq)
       return b, rows, h
 
     def vec(step):
-      h, rows = head_and_rows(step)
+      h, rows = _step_rows(step, kv_h, group, lo, per_head, bq)
       return b, h, rows
 
     loads = [(fm.tma_loader(q_ref, q_smem, tile), q_ready),
