@@ -248,7 +248,7 @@ def mosaic_variants(head_dim):
     # A third stage fits in smem only below d128.
     fused = MosaicBwdConfig(num_stages=3 if head_dim <= 64 else 2,
                             fused=True)
-    bwd += [fused, dataclasses.replace(fused, dq_lag=True)]
+    bwd.append(fused)
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
           [('bwd', MosaicTuning(bwd=c)) for c in bwd])
 
@@ -262,7 +262,7 @@ def describe_mosaic(part, tuning):
             f'{" persistent" if c.persistent else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
-          f'{" fused" if c.fused else ""}{" dq_lag" if c.dq_lag else ""}')
+          f'{" fused" if c.fused else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):

@@ -75,9 +75,10 @@ class MosaicConfig:
   def default(cls, head_dim, causal, seq_kv):
     """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01); the
     key block is 128 unless a 256 one divides seq_kv. Persistent where it
-    won: up to 1024 keys at d64, 512 above (at 1024 keys, d128 lost 8-14%
-    with it and d80 won or lost by 5-9%)."""
-    persistent = seq_kv <= (1024 if head_dim <= 64 else 512)
+    won: always at d64 (up to +16%, s2048 causal), up to 512 keys above
+    (at 1024 keys d128 lost 8-14% with it and d80 won or lost by 5-9%; at
+    2048 causal d128 lost 4%)."""
+    persistent = head_dim <= 64 or seq_kv <= 512
     if head_dim <= 64:  # ping-pong; a 256-key block only without the mask
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
@@ -205,14 +206,29 @@ def produce(groups, steps, num_stages, base=0, drain=True):
   load(step, slot, ready[slot]) issues one TMA copy.
   drain: end by waiting for the last frees too (drain_frees).
   """
-  @pl.loop(0, steps)
-  def _(i):
+  def issue(i, wait):  # wait: True, False or a traced condition
     slot = lax.rem(base + i, num_stages)
     for free, loads in groups:
-      pl.when(base + i >= num_stages)(
-          functools.partial(plgpu.barrier_wait, free.at[slot]))
+      if wait is True:
+        plgpu.barrier_wait(free.at[slot])
+      elif wait is not False:
+        pl.when(wait)(functools.partial(plgpu.barrier_wait, free.at[slot]))
       for load, ready in loads:
         load(i, slot, ready.at[slot])
+
+  if isinstance(base, int) and base == 0:
+    # The first fills unrolled, then a loop that always waits: a wait under
+    # a condition in the loop made the causal d128 forward 4% slower (H200).
+    for i in range(num_stages):
+      pl.when(i < steps)(functools.partial(issue, jnp.int32(i), False))
+
+    @pl.loop(num_stages, jnp.maximum(steps, num_stages))
+    def _(i):
+      issue(i, True)
+  else:
+    @pl.loop(0, steps)
+    def _(i):
+      issue(i, base + i >= num_stages)
 
   if drain:
     drain_frees([free for free, _ in groups], base + steps, num_stages)

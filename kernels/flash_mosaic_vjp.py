@@ -44,16 +44,11 @@ class MosaicBwdConfig:
     (dq_part: at d128 one per consumer every step, at d64 in turns). Needs
     block_q == 64 (wgmma's M), head_dim in FUSED_HEAD_DIMS, and an extra
     float32 pass over dQ.
-  dq_lag: fused: each step computes the previous step's dQ (the last one's
-    after the loop), so a consumer waits for the other's dS^T a step after
-    it was written: the consumers need not run in phase, and one's
-    softmax can run while the other's matmuls do.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
-  dq_lag: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -68,8 +63,6 @@ class MosaicBwdConfig:
     if self.fused and self.block_q != fm.ROWS_WG:
       raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
                        f'{self.block_q}')
-    if self.dq_lag and not self.fused:
-      raise ValueError('dq_lag needs fused=True')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -176,14 +169,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     pl.when(jnp.logical_not(mine))(functools.partial(
         plgpu.barrier_arrive, ds_free.at[lax.rem(step, 2)]))
 
-  def dq_for(step):
-    """The dQ work of `step`: its own (dq_lag: the previous step's)."""
-    if not config.dq_lag:
-      return (dq_of(step, wg) if part_per_consumer else dq_turn(step))
-    run = functools.partial(dq_of, step - 1, wg) if part_per_consumer else (
-        functools.partial(dq_turn, step - 1))
-    pl.when(step > 0)(run)
-
   def scores(masked, i, slot, s_t):
     """P^T from raw S^T, masked on the diagonal."""
     if masked:
@@ -230,7 +215,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       fm.seed_acc(dk_ref, dk, interpret)
       plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
       if part_per_consumer:
-        dq_for(step)
+        dq_of(step, wg)
       return (fm.read_acc(dk_ref, dk, interpret),
               fm.read_acc(dv_ref, dv, interpret))
 
@@ -241,7 +226,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
         plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
     if config.fused and not part_per_consumer:
-      dq_for(step)
+      dq_turn(step)
     return dk, dv
 
   def head(g, carry):
@@ -256,8 +241,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       plgpu.barrier_arrive(ds_free.at[buf])
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-  if config.dq_lag:  # the last step's dQ
-    dq_for(group * per_head)
   if config.fused:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])

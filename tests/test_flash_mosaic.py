@@ -122,23 +122,18 @@ BWD_CASES = [
 
 
 FUSED = MosaicBwdConfig(fused=True)
-LAGGED = MosaicBwdConfig(fused=True, dq_lag=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
-    # dq_lag: the last step's dQ after the loop, steps across q heads.
-    (BWD_CASES[0], LAGGED),
-    (Case(1, 384, 256, 4, 2, 64, True), LAGGED),         # no-key rows, GQA
+    (Case(1, 384, 256, 4, 2, 64, True), FUSED),          # no-key rows, GQA
 ]
 
 
 def _bwd_config_id(config):
   if config is None:
     return ''
-  if config.fused:
-    return '_fused_lag' if config.dq_lag else '_fused'
-  return f'_dq_k{config.block_k}'
+  return '_fused' if config.fused else f'_dq_k{config.block_k}'
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -179,9 +174,8 @@ def test_fwd_interpret_no_races(config):
   assert not gpu_callbacks.get_races().races_found
 
 
-@pytest.mark.parametrize('config', [FUSED, LAGGED], ids=['fused', 'lag'])
 @pytest.mark.parametrize('head_dim', flash_mosaic_vjp.FUSED_HEAD_DIMS)
-def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
+def test_fused_bwd_interpret_no_races(head_dim, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
   in turns), two buffers guarded by ds_ready / ds_free. Only dQ's reduce
@@ -193,7 +187,7 @@ def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
   jax.block_until_ready(flash_mosaic_vjp.flash_bwd(
       q, k, v, o, lse, do.astype(q.dtype), None, sm_scale=0.125, causal=True,
-      config=config, interpret=plgpu.InterpretGPUParams(detect_races=True)))
+      config=FUSED, interpret=plgpu.InterpretGPUParams(detect_races=True)))
   accesses = [line for line in capsys.readouterr().out.splitlines()
               if line.strip().startswith(('read of', 'write of'))]
   assert all(line.endswith('(_add_to_gmem)') for line in accesses), accesses
@@ -289,8 +283,8 @@ def test_lowers_for_sm90(head_dim, causal):
 @pytest.mark.parametrize('causal', [False, True])
 def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap and persistent +
-  overlap forwards at the largest key block, and the fused backward (with
-  and without dq_lag) where it runs; the interpreter lacks the accumulator store (overlap) and TMA
+  overlap forwards at the largest key block, and the fused backward where
+  it runs; the interpreter lacks the accumulator store (overlap) and TMA
   reduce-add (fused) that only this build uses."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
@@ -306,7 +300,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
         **kwargs)
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED, LAGGED] if fused else [TWO_KERNELS])]
+           for config in ([FUSED] if fused else [TWO_KERNELS])]
     return bwd, o2
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -321,8 +315,6 @@ def test_fused_needs_head_dim_64_or_128():
         interpret=False, config=FUSED), q, lse)
   with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
     MosaicBwdConfig(block_q=128, fused=True)
-  with pytest.raises(ValueError, match=r'dq_lag needs fused=True'):
-    MosaicBwdConfig(dq_lag=True)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -468,7 +460,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
-    fa.MosaicTuning(bwd=LAGGED),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
