@@ -75,10 +75,12 @@ class MosaicConfig:
   def default(cls, head_dim, causal, seq_kv):
     """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01); the
     key block is 128 unless a 256 one divides seq_kv. Persistent where it
-    won: always at d64 (up to +16%, s2048 causal), up to 512 keys above
-    (at 1024 keys d128 lost 8-14% with it and d80 won or lost by 5-9%; at
-    2048 causal d128 lost 4%)."""
-    persistent = head_dim <= 64 or seq_kv <= 512
+    won: at d64 always without the mask and up to 4096 keys with it (+16%
+    at s2048 causal, +8% at s4096; at 8192 a tie, at 16384 4% lost), up to
+    512 keys above (at 1024 keys d128 lost 8-14% with it and d80 won or
+    lost by 5-9%; at 2048 causal d128 lost 4%)."""
+    persistent = (seq_kv <= 512 or
+                  head_dim <= 64 and (not causal or seq_kv <= 4096))
     if head_dim <= 64:  # ping-pong; a 256-key block only without the mask
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
