@@ -174,11 +174,14 @@ def test_fwd_interpret_no_races(config):
   assert not gpu_callbacks.get_races().races_found
 
 
-@pytest.mark.parametrize('head_dim', flash_mosaic_vjp.FUSED_HEAD_DIMS)
-def test_fused_bwd_interpret_no_races(head_dim, capsys):
+@pytest.mark.parametrize('head_dim,config', [
+    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig.default(64))],
+                         ids=['d64', 'd128', 'd64_default'])
+def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
-  in turns), two buffers guarded by ds_ready / ds_free. Only dQ's reduce
+  in turns; also the d64 default's 3 stages), two buffers guarded by
+  ds_ready / ds_free. Only dQ's reduce
   may be reported: the interpreter has no TMA reduce-add, and its stand-in
   (load, add, store; exact as CTAs run one after another) is seen racing
   with the same tile's add from another CTA."""
@@ -187,7 +190,7 @@ def test_fused_bwd_interpret_no_races(head_dim, capsys):
   o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
   jax.block_until_ready(flash_mosaic_vjp.flash_bwd(
       q, k, v, o, lse, do.astype(q.dtype), None, sm_scale=0.125, causal=True,
-      config=FUSED, interpret=plgpu.InterpretGPUParams(detect_races=True)))
+      config=config, interpret=plgpu.InterpretGPUParams(detect_races=True)))
   accesses = [line for line in capsys.readouterr().out.splitlines()
               if line.strip().startswith(('read of', 'write of'))]
   assert all(line.endswith('(_add_to_gmem)') for line in accesses), accesses
