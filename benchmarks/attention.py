@@ -242,7 +242,9 @@ def mosaic_variants(head_dim):
   # d64: a 256-key block fits (S is 128 registers a thread): no overlap.
   fwd += ([MosaicConfig(256, 2, pingpong=True),
            MosaicConfig(256, 2, pingpong=True, persistent=True)]
-          if head_dim <= 64 else [])
+          if head_dim <= 64 else
+           # Above d64 a third stage (fits at d128 only without persistence).
+           [MosaicConfig(128, 3, overlap=True)])
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim in FUSED_HEAD_DIMS:
     # A third stage fits in smem only below d128.

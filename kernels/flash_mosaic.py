@@ -42,6 +42,12 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 # + 128 producer threads x 24 <= 64K, the register file.
 CONSUMER_REGS = 240
 PRODUCER_REGS = 24
+# approx_math: approximate exp2 and log. No reduction scratch: every
+# reduction here runs along a WGMMA tile's rows, within a warp, and the 2 KiB
+# Pallas reserves by default for cross-warp ones is what kept a third K/V
+# stage out of the d128 forward.
+COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True,
+                                       reduction_scratch_bytes=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +92,8 @@ class MosaicConfig:
         return cls(256, 2, pingpong=True, persistent=persistent)
       return cls(128, 3, pingpong=True, persistent=persistent)
     # Shared memory (bf16): Q/O 128 x d (persistent: twice), plus stages x 2
-    # x block_k x d for K and V: d128 with 3 stages takes 224 KiB before
-    # the lse and barriers (227.1 with them, past the 227; persistent 256).
+    # x block_k x d for K and V: d128 with 3 stages takes 224.6 KiB of the
+    # 227 (persistent 256: past it).
     return cls(block_k=128, num_stages=2, overlap=True, persistent=persistent)
 
 
@@ -580,7 +586,7 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
       grid_names=('cta',) if config.persistent else ('h', 'q', 'b'),
       num_threads=NUM_CONSUMERS + 1,
       thread_name='wg',
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=COMPILER_PARAMS,
       interpret=interpret_params(interpret),
   )(q, k, v, scale)
 

@@ -446,7 +446,7 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
   wg_tile = (fm.NUM_CONSUMERS, fm.ROWS_WG, head_dim)
   kwargs = dict(causal=causal, group=group, config=config)
   mesh = dict(num_threads=fm.NUM_CONSUMERS + 1, thread_name='wg',
-              compiler_params=plgpu.CompilerParams(approx_math=True),
+              compiler_params=fm.COMPILER_PARAMS,
               interpret=interpret)
   per_wg = plgpu.Barrier(num_barriers=fm.NUM_CONSUMERS)
   per_stage = plgpu.Barrier(num_barriers=stages)

@@ -285,10 +285,12 @@ def test_lowers_for_sm90(head_dim, causal):
 @pytest.mark.parametrize('head_dim', flash_mosaic.HEAD_DIMS)
 @pytest.mark.parametrize('causal', [False, True])
 def test_variants_lower_for_sm90(head_dim, causal):
-  """The sweep's variants, GPU build: ping-pong + overlap and persistent +
-  overlap forwards at the largest key block, and the fused backward where
-  it runs; the interpreter lacks the accumulator store (overlap) and TMA
-  reduce-add (fused) that only this build uses."""
+  """The sweep's variants, GPU build: ping-pong + overlap, persistent +
+  overlap and 3-stage overlap forwards (at d128 the last fills the shared
+  memory: it fits only without Pallas's reduction scratch), and the fused
+  backward where it runs; the interpreter lacks the accumulator store
+  (overlap), TMA reduce-add (fused) and shared-memory limit that only this
+  build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
   kwargs = dict(sm_scale=0.1, causal=causal, interpret=False)
@@ -301,10 +303,12 @@ def test_variants_lower_for_sm90(head_dim, causal):
     o2, _ = flash_mosaic.flash_fwd(
         q, k, v, config=MosaicConfig(128, 2, overlap=True, persistent=True),
         **kwargs)
+    o3, _ = flash_mosaic.flash_fwd(
+        q, k, v, config=MosaicConfig(128, 3, overlap=True), **kwargs)
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS])]
-    return bwd, o2
+    return bwd, o2, o3
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
 
@@ -463,6 +467,7 @@ GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, pingpong=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, persistent=True)),
+    fa.MosaicTuning(fwd=MosaicConfig(128, 3, overlap=True)),
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
@@ -480,7 +485,7 @@ GPU_VARIANT_PAIRS = [
 def _variant_id(tuning):
   parts = []
   if tuning.fwd is not None:
-    parts.append(f'fwd_k{tuning.fwd.block_k}'
+    parts.append(f'fwd_k{tuning.fwd.block_k}_s{tuning.fwd.num_stages}'
                  f'{"_pingpong" if tuning.fwd.pingpong else ""}'
                  f'{"_overlap" if tuning.fwd.overlap else ""}'
                  f'{"_persistent" if tuning.fwd.persistent else ""}')
