@@ -313,6 +313,27 @@ def test_variants_lower_for_sm90(head_dim, causal):
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
 
 
+def test_cross_warp_reduction_fails_to_lower():
+  """fm.COMPILER_PARAMS reserves no reduction scratch, so a reduction across
+  warps (here over a WGMMA tile's rows) must fail to lower rather than run
+  on an empty buffer; every kernel lowering here (test_lowers_for_sm90 and
+  above) then shows that their reductions stay within a warp."""
+  def column_sums(o_ref, sums_smem):
+    x = plgpu.layout_cast(jnp.ones((64, 64), jnp.float32),
+                          plgpu.Layout.WGMMA)
+    sums_smem[...] = jnp.sum(x, axis=0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(sums_smem, o_ref)
+    plgpu.wait_smem_to_gmem(0)
+
+  cross_warp = plgpu.kernel(
+      column_sums, out_type=jax.ShapeDtypeStruct((64,), jnp.float32),
+      scratch_types=[plgpu.SMEM((64,), jnp.float32)],
+      compiler_params=flash_mosaic.COMPILER_PARAMS)
+  with pytest.raises(Exception, match='reduction scratch size'):
+    _lowered_for_sm90(cross_warp)
+
+
 def test_fused_needs_head_dim_64_or_128():
   q = jax.ShapeDtypeStruct((1, 256, 2, 80), jnp.bfloat16)
   lse = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
