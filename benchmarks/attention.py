@@ -246,6 +246,8 @@ def mosaic_variants(head_dim):
            # Above d64 a third stage (fits at d128 only without persistence).
            [MosaicConfig(128, 3, overlap=True)])
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
+  if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
+    bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
     # A third stage fits in smem only below d128.
     fused = MosaicBwdConfig(num_stages=3 if head_dim <= 64 else 2,

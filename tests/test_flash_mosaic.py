@@ -127,13 +127,17 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
     (Case(1, 384, 256, 4, 2, 64, True), FUSED),          # no-key rows, GQA
+    # dQ kernel: 5 key steps through 3 stages.
+    (Case(1, 128, 640, 2, 1, 80, True),
+     MosaicBwdConfig(block_k=128, num_stages=3)),
 ]
 
 
 def _bwd_config_id(config):
   if config is None:
     return ''
-  return '_fused' if config.fused else f'_dq_k{config.block_k}'
+  return ('_fused' if config.fused else
+          f'_dq_k{config.block_k}_s{config.num_stages}')
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -287,8 +291,8 @@ def test_lowers_for_sm90(head_dim, causal):
 def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
-  memory: it fits only without Pallas's reduction scratch), and the fused
-  backward where it runs; the interpreter lacks the accumulator store
+  memory: it fits only without Pallas's reduction scratch), the fused
+  backward where it runs and a 3-stage dQ kernel below d128; the interpreter lacks the accumulator store
   (overlap), TMA reduce-add (fused) and shared-memory limit that only this
   build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
@@ -307,7 +311,10 @@ def test_variants_lower_for_sm90(head_dim, causal):
         q, k, v, config=MosaicConfig(128, 3, overlap=True), **kwargs)
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED] if fused else [TWO_KERNELS])]
+           for config in ([FUSED] if fused else [TWO_KERNELS]) +
+           # dQ's K and V in 3 stages fit below d128.
+           ([MosaicBwdConfig(block_k=128, num_stages=3)]
+            if head_dim <= 96 else [])]
     return bwd, o2, o3
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -492,15 +499,27 @@ GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
+    fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
                      GPU_CASES[6], GPU_CASES[7]]  # more tiles than SMs
-# The fused backward only where it runs (its head dims).
+
+
+def _variant_runs(case, tuning):
+  """The fused backward runs at its head dims only; the dQ kernel's 3 stages
+  fit below d128."""
+  bwd = tuning.bwd
+  if bwd is None:
+    return True
+  if bwd.fused:
+    return case.head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS
+  return bwd.num_stages <= 2 or case.head_dim <= 96
+
+
 GPU_VARIANT_PAIRS = [
     (case, variant) for case in GPU_VARIANT_CASES for variant in GPU_VARIANTS
-    if not (variant.bwd and variant.bwd.fused and
-            case.head_dim not in flash_mosaic_vjp.FUSED_HEAD_DIMS)]
+    if _variant_runs(case, variant)]
 
 
 def _variant_id(tuning):
