@@ -250,9 +250,8 @@ def mosaic_variants(head_dim):
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
     # A third stage fits in smem only below d128.
-    fused = MosaicBwdConfig(num_stages=3 if head_dim <= 64 else 2,
-                            fused=True)
-    bwd.append(fused)
+    bwd.append(MosaicBwdConfig(num_stages=3 if head_dim <= 64 else 2,
+                               fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
           [('bwd', MosaicTuning(bwd=c)) for c in bwd])
 

@@ -185,10 +185,10 @@ def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
   in turns; also the d64 default's 3 stages), two buffers guarded by
-  ds_ready / ds_free. Only dQ's reduce
-  may be reported: the interpreter has no TMA reduce-add, and its stand-in
-  (load, add, store; exact as CTAs run one after another) is seen racing
-  with the same tile's add from another CTA."""
+  ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
+  no TMA reduce-add, and its stand-in (load, add, store; exact as CTAs run
+  one after another) is seen racing with the same tile's add from another
+  CTA."""
   case = Case(1, 256, 256, 2, 1, head_dim, True)
   q, k, v, do, _, _ = _inputs(case, jax.random.PRNGKey(7))
   o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
@@ -292,9 +292,9 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), the fused
-  backward where it runs and a 3-stage dQ kernel below d128; the interpreter lacks the accumulator store
-  (overlap), TMA reduce-add (fused) and shared-memory limit that only this
-  build has."""
+  backward where it runs and a 3-stage dQ kernel below d128; the
+  interpreter lacks the accumulator store (overlap), TMA reduce-add (fused)
+  and shared-memory limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
   kwargs = dict(sm_scale=0.1, causal=causal, interpret=False)
