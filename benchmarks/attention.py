@@ -249,9 +249,9 @@ def mosaic_variants(head_dim):
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
-    # A third stage fits in smem only below d128.
-    bwd.append(MosaicBwdConfig(num_stages=3 if head_dim <= 64 else 2,
-                               fused=True))
+    bwd.append(MosaicBwdConfig(fused=True))
+    if head_dim <= 64:  # a third stage fits in smem only below d128
+      bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
           [('bwd', MosaicTuning(bwd=c)) for c in bwd])
 

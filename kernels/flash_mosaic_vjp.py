@@ -52,11 +52,12 @@ class MosaicBwdConfig:
 
   @classmethod
   def default(cls, head_dim):
-    """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01): fused
-    at d64; at d128 the fused kernel (it spills) is 1.1x slower than two
-    kernels."""
+    """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-02): fused
+    with 2 stages at d64 (3 stages spill since the dQ buffer race fix and
+    lost up to 13% causal); at d128 the fused kernel (it spills) is 1.1x
+    slower than two kernels."""
     if head_dim <= 64:
-      return cls(num_stages=3, fused=True)
+      return cls(fused=True)
     return cls(block_k=128)
 
   def __post_init__(self):

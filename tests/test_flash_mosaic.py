@@ -127,6 +127,8 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
     (Case(1, 384, 256, 4, 2, 64, True), FUSED),          # no-key rows, GQA
+    (Case(1, 384, 256, 4, 2, 64, True),
+     MosaicBwdConfig(num_stages=3, fused=True)),          # the same, 3 stages
     # dQ kernel: 5 key steps through 3 stages.
     (Case(1, 128, 640, 2, 1, 80, True),
      MosaicBwdConfig(block_k=128, num_stages=3)),
@@ -179,12 +181,12 @@ def test_fwd_interpret_no_races(config):
 
 
 @pytest.mark.parametrize('head_dim,config', [
-    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig.default(64))],
-                         ids=['d64', 'd128', 'd64_default'])
+    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True))],
+                         ids=['d64', 'd128', 'd64_s3'])
 def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
-  in turns; also the d64 default's 3 stages), two buffers guarded by
+  in turns; also with 3 stages at d64), two buffers guarded by
   ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
   no TMA reduce-add, and its stand-in (load, add, store; exact as CTAs run
   one after another) is seen racing with the same tile's add from another
@@ -500,6 +502,7 @@ GPU_VARIANTS = [
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
+    fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
@@ -507,13 +510,14 @@ GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
 
 
 def _variant_runs(case, tuning):
-  """The fused backward runs at its head dims only; the dQ kernel's 3 stages
-  fit below d128."""
+  """The fused backward runs at its head dims only, with 3 stages at d64
+  only; the dQ kernel's 3 stages fit below d128."""
   bwd = tuning.bwd
   if bwd is None:
     return True
   if bwd.fused:
-    return case.head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS
+    return (case.head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS and
+            (bwd.num_stages <= 2 or case.head_dim <= 64))
   return bwd.num_stages <= 2 or case.head_dim <= 96
 
 
