@@ -70,12 +70,22 @@ class MosaicConfig:
     each consumer loads its next Q during the current tile (two Q/O
     buffers) and stores O without waiting, so a short tile's prologue and
     epilogue overlap its neighbours' work. Otherwise one CTA per tile.
+  fma_exp2: the last fma_exp2 keys of each unmasked block take exp2 from a
+    polynomial on the FMA units (exp2_fma) instead of the MUFU unit, whose
+    16 results a clock per SM are as many scores as the tensor cores make
+    at d64 (FA4's trick); a multiple of 8 below block_k.
   """
   block_k: int = 128
   num_stages: int = 2
   pingpong: bool = False
   overlap: bool = False
   persistent: bool = False
+  fma_exp2: int = 0
+
+  def __post_init__(self):
+    if self.fma_exp2 % 8 or not 0 <= self.fma_exp2 < self.block_k:
+      raise ValueError('fma_exp2 must be a multiple of 8 in [0, block_k), '
+                       f'got {self.fma_exp2} with block_k {self.block_k}')
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
@@ -271,15 +281,46 @@ def stage_lhs(x, stage_ref):
   return stage_ref
 
 
-def _softmax_step(s, m, l, *, scale, mask):
+# 2^f on [-1/2, 1/2]: a degree-3 minimax fit, relative error 7.5e-5 (the
+# bf16 P that P V takes rounds to 3.9e-3).
+_EXP2_POLY = (0.99992806, 0.69326097, 0.24261115, 0.05517167)
+_ROUND = 1.5 * 2**23  # x + _ROUND rounds x to an integer (|x| < 2^22)
+
+
+def exp2_fma(x):
+  """2^x for x <= 0 without MUFU: x = n + f (n an integer), 2^f from
+  _EXP2_POLY, and n added to its exponent bits, which hold n in the low bits
+  of x + _ROUND (shifted up by 23, the rest falls off). x is clamped at
+  -125, where 2^x is still a normal float and 0 beside a row's largest p, 1.
+  The barrier keeps XLA (interpret mode) from folding (x + _ROUND) - _ROUND
+  to x."""
+  x = jnp.maximum(x, -125.0)
+  t = lax.optimization_barrier(x + _ROUND)
+  f = x - (t - _ROUND)
+  c0, c1, c2, c3 = _EXP2_POLY
+  p = ((c3 * f + c2) * f + c1) * f + c0
+  n = lax.shift_left(lax.bitcast_convert_type(t, jnp.int32), 23)
+  return lax.bitcast_convert_type(
+      lax.bitcast_convert_type(p, jnp.int32) + n, jnp.float32)
+
+
+def _softmax_step(s, m, l, *, scale, mask, fma_exp2):
   """One online-softmax step on raw scores s: (p, m, l, alpha), m in the
-  log2 domain; mask: None or the [rows, keys] visibility."""
+  log2 domain; mask: None or the [rows, keys] visibility; fma_exp2: keys
+  (the last ones) whose exp2 is exp2_fma, unmasked blocks only (a masked
+  score must give exactly 0)."""
   if mask is not None:
     s = jnp.where(mask, s, NEG_INF)
   m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
   # A row that has seen no key yet keeps m = -inf: exponents must not be NaN.
   m_use = m_new if mask is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
-  p = jnp.exp2(s * scale - rows_col(m_use, s.shape))
+  x = s * scale - rows_col(m_use, s.shape)
+  if mask is None and fma_exp2:
+    mufu = x.shape[1] - fma_exp2
+    p = jnp.concatenate([jnp.exp2(x[:, :mufu]), exp2_fma(x[:, mufu:])],
+                        axis=1)
+  else:
+    p = jnp.exp2(x)
   alpha = jnp.exp2(m - m_use)
   return p, m_new, l * alpha + jnp.sum(p, axis=1), alpha
 
@@ -369,7 +410,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
               after_issue=functools.partial(after_issue, j))
       plgpu.barrier_arrive(k_free.at[slot])
       p, m, l, alpha = _softmax_step(s, m, l, scale=scale,
-                                     mask=mask(masked, j))
+                                     mask=mask(masked, j),
+                                     fma_exp2=config.fma_exp2)
       meet()
       p = stage_lhs(p.astype(dtype), p_smem)
       plgpu.barrier_wait(v_ready.at[slot])
@@ -386,7 +428,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       plgpu.barrier_arrive(k_free.at[slot])
       p, m, l, _ = _softmax_step(s, wgmma_rows(ROWS_WG, NEG_INF),
                                  wgmma_rows(ROWS_WG, 0.0), scale=scale,
-                                 mask=mask(masked, 0))
+                                 mask=mask(masked, 0),
+                                 fma_exp2=config.fma_exp2)
       meet()
       return wgmma_full(o_shape, 0.0), m, l, p.astype(dtype)
 
@@ -406,7 +449,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j only
         plgpu.barrier_arrive(k_free.at[slot])
         p, m_new, l_new, alpha = _softmax_step(s, m, l, scale=scale,
-                                               mask=mask(masked, j))
+                                               mask=mask(masked, j),
+                                               fma_exp2=config.fma_exp2)
         return read_acc(o_ref, acc, interpret), p, m_new, l_new, alpha
 
       o, p, m, l, alpha = pl.run_scoped(scope,

@@ -82,6 +82,14 @@ FWD_CASES = [
     (Case(2, 384, 128, 2, 1, 64, True), MosaicConfig(64, 2, persistent=True)),
     (Case(2, 384, 128, 2, 1, 96, True),
      MosaicConfig(128, 2, pingpong=True, persistent=True)),
+    # exp2 of the last keys of unmasked blocks on the FMA units: with
+    # masked diagonal steps; the d64 non-causal default's shape; overlap.
+    (Case(1, 256, 256, 2, 1, 64, True),
+     MosaicConfig(64, 3, pingpong=True, fma_exp2=32)),
+    (Case(1, 128, 512, 2, 2, 64, False),
+     MosaicConfig(256, 2, pingpong=True, persistent=True, fma_exp2=96)),
+    (Case(1, 128, 384, 2, 2, 80, False),
+     MosaicConfig(128, 2, overlap=True, fma_exp2=64)),
 ] + _random_cases(1)
 
 
@@ -90,7 +98,8 @@ def _case_id(case_config):
   return (f'{case}_k{config.block_k}s{config.num_stages}'
           f'{"_pingpong" if config.pingpong else ""}'
           f'{"_overlap" if config.overlap else ""}'
-          f'{"_persistent" if config.persistent else ""}')
+          f'{"_persistent" if config.persistent else ""}'
+          f'{f"_fma{config.fma_exp2}" if config.fma_exp2 else ""}')
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +119,22 @@ def test_fwd_interpret_matches_reference(case_config):
   o_ref, lse_ref = reference_attention(q, k, v, causal=case.causal,
                                        return_lse=True)
   _check('out', o, o_ref, TOL[case.dtype])
-  _check('lse', lse, lse_ref, 1e-5)
+  # exp2_fma's polynomial: 7.5e-5 relative error in a row's sum.
+  _check('lse', lse, lse_ref, 1e-4 if config.fma_exp2 else 1e-5)
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_exp2_fma_matches_exp2(jit):
+  """The polynomial exp2 within 1e-4 relative of exp2 down to -125 and at
+  most 2^-124 below (-inf included: masked scores never take it); jitted
+  too, where XLA would fold its rounding away without the barrier."""
+  fn = jax.jit(flash_mosaic.exp2_fma) if jit else flash_mosaic.exp2_fma
+  x = jnp.concatenate([jnp.linspace(-125.0, 0.0, 200_001),
+                       jnp.array([-0.0, -1e-30, -0.5, -1.5, -124.5])])
+  got, want = np.asarray(fn(x)), np.exp2(np.asarray(x, np.float64))
+  assert np.max(np.abs(got / want - 1)) < 1e-4
+  below = np.asarray(fn(jnp.array([-125.5, -200.0, -1e30, -np.inf])))
+  assert np.all((below > 0) & (below <= 2.0**-124)), below
 
 
 BWD_CASES = [
@@ -293,7 +317,8 @@ def test_lowers_for_sm90(head_dim, causal):
 def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
-  memory: it fits only without Pallas's reduction scratch), the fused
+  memory: it fits only without Pallas's reduction scratch), exp2 on the
+  FMA units (slices and a concatenation of a WGMMA tile), the fused
   backward where it runs and a 3-stage dQ kernel below d128; the
   interpreter lacks the accumulator store (overlap), TMA reduce-add (fused)
   and shared-memory limit that only this build has."""
@@ -311,13 +336,16 @@ def test_variants_lower_for_sm90(head_dim, causal):
         **kwargs)
     o3, _ = flash_mosaic.flash_fwd(
         q, k, v, config=MosaicConfig(128, 3, overlap=True), **kwargs)
+    o4, _ = flash_mosaic.flash_fwd(
+        q, k, v, config=MosaicConfig(128, 2, pingpong=True, persistent=True,
+                                     fma_exp2=64), **kwargs)
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else [])]
-    return bwd, o2, o3
+    return bwd, o2, o3, o4
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
 
@@ -498,6 +526,9 @@ GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, persistent=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 3, overlap=True)),
+    fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, fma_exp2=64)),
+    fa.MosaicTuning(fwd=MosaicConfig(128, 2, pingpong=True, persistent=True,
+                                     fma_exp2=32)),
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
@@ -532,7 +563,8 @@ def _variant_id(tuning):
     parts.append(f'fwd_k{tuning.fwd.block_k}_s{tuning.fwd.num_stages}'
                  f'{"_pingpong" if tuning.fwd.pingpong else ""}'
                  f'{"_overlap" if tuning.fwd.overlap else ""}'
-                 f'{"_persistent" if tuning.fwd.persistent else ""}')
+                 f'{"_persistent" if tuning.fwd.persistent else ""}'
+                 f'{f"_fma{tuning.fwd.fma_exp2}" if tuning.fwd.fma_exp2 else ""}')
   if tuning.bwd is not None:
     parts.append('bwd' + _bwd_config_id(tuning.bwd))
   return '-'.join(parts)
