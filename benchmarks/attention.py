@@ -245,9 +245,9 @@ def mosaic_variants(head_dim):
           if head_dim <= 64 else
            # Above d64 a third stage (fits at d128 only without persistence).
            [MosaicConfig(128, 3, overlap=True)])
-  # Below d128 the MUFU unit's exp2 rate binds as much as the tensor cores:
-  # the defaults' forwards with a quarter or half of each block's exp2 on
-  # the FMA units.
+  # Below d128 the MUFU unit's exp2 rate may bind as hard as the tensor
+  # cores: the defaults' forwards with a quarter or half of each block's
+  # exp2 on the FMA units.
   if head_dim <= 64:
     fwd += [MosaicConfig(128, 3, pingpong=True, persistent=True, fma_exp2=n)
             for n in (32, 64)]

@@ -72,8 +72,8 @@ class MosaicConfig:
     epilogue overlap its neighbours' work. Otherwise one CTA per tile.
   fma_exp2: the last fma_exp2 keys of each unmasked block take exp2 from a
     polynomial on the FMA units (exp2_fma) instead of the MUFU unit, whose
-    16 results a clock per SM are as many scores as the tensor cores make
-    at d64 (FA4's trick); a multiple of 8 below block_k.
+    16 results a clock per SM are about as many scores as the tensor cores
+    make at d64 (FA4's trick); a multiple of 8 below block_k.
   """
   block_k: int = 128
   num_stages: int = 2
