@@ -338,13 +338,16 @@ def test_variants_lower_for_sm90(head_dim, causal):
     o4, _ = flash_mosaic.flash_fwd(
         q, k, v, config=MosaicConfig(128, 2, pingpong=True, persistent=True,
                                      fma_exp2=64), **kwargs)
+    o5, _ = flash_mosaic.flash_fwd(
+        q, k, v, config=MosaicConfig(128, 2, overlap=True, fma_exp2=32),
+        **kwargs)
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else [])]
-    return bwd, o2, o3, o4
+    return bwd, o2, o3, o4, o5
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
 
