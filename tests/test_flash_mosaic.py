@@ -93,13 +93,17 @@ FWD_CASES = [
 ] + _random_cases(1)
 
 
-def _case_id(case_config):
-  case, config = case_config
-  return (f'{case}_k{config.block_k}s{config.num_stages}'
+def _fwd_config_id(config):
+  return (f'k{config.block_k}_s{config.num_stages}'
           f'{"_pingpong" if config.pingpong else ""}'
           f'{"_overlap" if config.overlap else ""}'
           f'{"_persistent" if config.persistent else ""}'
           f'{f"_fma{config.fma_exp2}" if config.fma_exp2 else ""}')
+
+
+def _case_id(case_config):
+  case, config = case_config
+  return f'{case}_{_fwd_config_id(config)}'
 
 
 @pytest.fixture(autouse=True)
@@ -562,11 +566,7 @@ GPU_VARIANT_PAIRS = [
 def _variant_id(tuning):
   parts = []
   if tuning.fwd is not None:
-    parts.append(f'fwd_k{tuning.fwd.block_k}_s{tuning.fwd.num_stages}'
-                 f'{"_pingpong" if tuning.fwd.pingpong else ""}'
-                 f'{"_overlap" if tuning.fwd.overlap else ""}'
-                 f'{"_persistent" if tuning.fwd.persistent else ""}'
-                 f'{f"_fma{tuning.fwd.fma_exp2}" if tuning.fwd.fma_exp2 else ""}')
+    parts.append('fwd_' + _fwd_config_id(tuning.fwd))
   if tuning.bwd is not None:
     parts.append('bwd' + _bwd_config_id(tuning.bwd))
   return '-'.join(parts)
