@@ -245,16 +245,6 @@ def mosaic_variants(head_dim):
           if head_dim <= 64 else
            # Above d64 a third stage (fits at d128 only without persistence).
            [MosaicConfig(128, 3, overlap=True)])
-  # Below d128 the MUFU unit's exp2 rate may bind as hard as the tensor
-  # cores: the defaults' forwards with a quarter or half of each block's
-  # exp2 on the FMA units.
-  if head_dim <= 64:
-    fwd += [MosaicConfig(128, 3, pingpong=True, persistent=True, fma_exp2=n)
-            for n in (32, 64)]
-    fwd += [MosaicConfig(256, 2, pingpong=True, persistent=True, fma_exp2=n)
-            for n in (64, 128)]
-  elif head_dim < 128:
-    fwd += [MosaicConfig(128, 2, overlap=True, fma_exp2=n) for n in (32, 64)]
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
@@ -272,8 +262,7 @@ def describe_mosaic(part, tuning):
     return (f'fwd k{c.block_k} s{c.num_stages}'
             f'{" pingpong" if c.pingpong else ""}'
             f'{" overlap" if c.overlap else ""}'
-            f'{" persistent" if c.persistent else ""}'
-            f'{f" fma{c.fma_exp2}" if c.fma_exp2 else ""}')
+            f'{" persistent" if c.persistent else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}')

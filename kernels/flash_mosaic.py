@@ -70,41 +70,37 @@ class MosaicConfig:
     each consumer loads its next Q during the current tile (two Q/O
     buffers) and stores O without waiting, so a short tile's prologue and
     epilogue overlap its neighbours' work. Otherwise one CTA per tile.
-  fma_exp2: the last fma_exp2 keys of each unmasked block take exp2 from a
-    polynomial on the FMA units (exp2_fma) instead of the MUFU unit, whose
-    16 results a clock per SM are about as many scores as the tensor cores
-    make at d64 (FA4's trick); a multiple of 8 below block_k.
   """
   block_k: int = 128
   num_stages: int = 2
   pingpong: bool = False
   overlap: bool = False
   persistent: bool = False
-  fma_exp2: int = 0
-
-  def __post_init__(self):
-    if self.fma_exp2 % 8 or not 0 <= self.fma_exp2 < self.block_k:
-      raise ValueError('fma_exp2 must be a multiple of 8 in [0, block_k), '
-                       f'got {self.fma_exp2} with block_k {self.block_k}')
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
-    """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-01); the
-    key block is 128 unless a 256 one divides seq_kv. Persistent where it
-    won: at d64 always without the mask and up to 4096 keys with it (+16%
-    at s2048 causal, +8% at s4096; at 8192 a tie, at 16384 4% lost), up to
-    512 keys above (at 1024 keys d128 lost 8-14% with it and d80 won or
-    lost by 5-9%; at 2048 causal d128 lost 4%)."""
-    persistent = (seq_kv <= 512 or
-                  head_dim <= 64 and (not causal or seq_kv <= 4096))
-    if head_dim <= 64:  # ping-pong; a 256-key block only without the mask
+    """The fastest measured on an H200 (kernels/NOTES.md); the key block is
+    128 unless a 256 one divides seq_kv.
+    - d64: ping-pong, persistent always without the mask and up to 4096 keys
+      with it (+16% at s2048 causal, +8% at s4096; at 8192 a tie, at 16384
+      4% lost).
+    - d80 and d96: ping-pong persistent (2026-12-02, against overlap: 5-9%
+      less time at 1024-2048 keys d80 non-causal, 8-13% at d96 s1024,
+      elsewhere 1-7% or a tie; d96 s4096 non-causal 1.4% more).
+    - d128: overlap, persistent up to 512 keys (at 1024 keys it lost 8-14%;
+      at 2048 causal 4%)."""
+    if head_dim <= 64:  # a 256-key block only without the mask
+      persistent = not causal or seq_kv <= 4096
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
       return cls(128, 3, pingpong=True, persistent=persistent)
+    if head_dim < 128:
+      return cls(128, 2, pingpong=True, persistent=True)
     # Shared memory (bf16): Q/O 128 x d (persistent: twice), plus stages x 2
     # x block_k x d for K and V: d128 with 3 stages takes 224.6 KiB of the
     # 227 (persistent 256: past it).
-    return cls(block_k=128, num_stages=2, overlap=True, persistent=persistent)
+    return cls(block_k=128, num_stages=2, overlap=True,
+               persistent=seq_kv <= 512)
 
 
 def unsupported(q, k, *, has_segments, block_k=MosaicConfig.block_k):
@@ -281,46 +277,15 @@ def stage_lhs(x, stage_ref):
   return stage_ref
 
 
-# 2^f on [-1/2, 1/2]: a degree-3 minimax fit, relative error 7.5e-5 (the
-# bf16 P that P V takes rounds to 3.9e-3).
-_EXP2_POLY = (0.99992806, 0.69326097, 0.24261115, 0.05517167)
-_ROUND = 1.5 * 2**23  # x + _ROUND rounds x to an integer (|x| < 2^22)
-
-
-def exp2_fma(x):
-  """2^x for x <= 0 without MUFU: x = n + f (n an integer), 2^f from
-  _EXP2_POLY, and n added to its exponent bits, which hold n in the low bits
-  of x + _ROUND (shifted up by 23, the rest falls off). x is clamped at
-  -125, where 2^x is still a normal float and 0 beside a row's largest p, 1.
-  The barrier keeps XLA (interpret mode) from folding (x + _ROUND) - _ROUND
-  to x."""
-  x = jnp.maximum(x, -125.0)
-  t = lax.optimization_barrier(x + _ROUND)
-  f = x - (t - _ROUND)
-  c0, c1, c2, c3 = _EXP2_POLY
-  p = ((c3 * f + c2) * f + c1) * f + c0
-  n = lax.shift_left(lax.bitcast_convert_type(t, jnp.int32), 23)
-  return lax.bitcast_convert_type(
-      lax.bitcast_convert_type(p, jnp.int32) + n, jnp.float32)
-
-
-def _softmax_step(s, m, l, *, scale, mask, fma_exp2):
+def _softmax_step(s, m, l, *, scale, mask):
   """One online-softmax step on raw scores s: (p, m, l, alpha), m in the
-  log2 domain; mask: None or the [rows, keys] visibility; fma_exp2: keys
-  (the last ones) whose exp2 is exp2_fma, unmasked blocks only (a masked
-  score must give exactly 0)."""
+  log2 domain; mask: None or the [rows, keys] visibility."""
   if mask is not None:
     s = jnp.where(mask, s, NEG_INF)
   m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
   # A row that has seen no key yet keeps m = -inf: exponents must not be NaN.
   m_use = m_new if mask is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
-  x = s * scale - rows_col(m_use, s.shape)
-  if mask is None and fma_exp2:
-    mufu = x.shape[1] - fma_exp2
-    p = jnp.concatenate([jnp.exp2(x[:, :mufu]), exp2_fma(x[:, mufu:])],
-                        axis=1)
-  else:
-    p = jnp.exp2(x)
+  p = jnp.exp2(s * scale - rows_col(m_use, s.shape))
   alpha = jnp.exp2(m - m_use)
   return p, m_new, l * alpha + jnp.sum(p, axis=1), alpha
 
@@ -410,8 +375,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
               after_issue=functools.partial(after_issue, j))
       plgpu.barrier_arrive(k_free.at[slot])
       p, m, l, alpha = _softmax_step(s, m, l, scale=scale,
-                                     mask=mask(masked, j),
-                                     fma_exp2=config.fma_exp2)
+                                     mask=mask(masked, j))
       meet()
       p = stage_lhs(p.astype(dtype), p_smem)
       plgpu.barrier_wait(v_ready.at[slot])
@@ -428,8 +392,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       plgpu.barrier_arrive(k_free.at[slot])
       p, m, l, _ = _softmax_step(s, wgmma_rows(ROWS_WG, NEG_INF),
                                  wgmma_rows(ROWS_WG, 0.0), scale=scale,
-                                 mask=mask(masked, 0),
-                                 fma_exp2=config.fma_exp2)
+                                 mask=mask(masked, 0))
       meet()
       return wgmma_full(o_shape, 0.0), m, l, p.astype(dtype)
 
@@ -449,8 +412,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j only
         plgpu.barrier_arrive(k_free.at[slot])
         p, m_new, l_new, alpha = _softmax_step(s, m, l, scale=scale,
-                                               mask=mask(masked, j),
-                                               fma_exp2=config.fma_exp2)
+                                               mask=mask(masked, j))
         return read_acc(o_ref, acc, interpret), p, m_new, l_new, alpha
 
       o, p, m, l, alpha = pl.run_scoped(scope,

@@ -82,14 +82,6 @@ FWD_CASES = [
     (Case(2, 384, 128, 2, 1, 64, True), MosaicConfig(64, 2, persistent=True)),
     (Case(2, 384, 128, 2, 1, 96, True),
      MosaicConfig(128, 2, pingpong=True, persistent=True)),
-    # exp2 of the last keys of unmasked blocks on the FMA units: with
-    # masked diagonal steps; the d64 non-causal default's shape; overlap.
-    (Case(1, 256, 256, 2, 1, 64, True),
-     MosaicConfig(64, 3, pingpong=True, fma_exp2=32)),
-    (Case(1, 128, 512, 2, 2, 64, False),
-     MosaicConfig(256, 2, pingpong=True, persistent=True, fma_exp2=96)),
-    (Case(1, 128, 384, 2, 2, 80, False),
-     MosaicConfig(128, 2, overlap=True, fma_exp2=64)),
 ] + _random_cases(1)
 
 
@@ -97,8 +89,7 @@ def _fwd_config_id(config):
   return (f'k{config.block_k}_s{config.num_stages}'
           f'{"_pingpong" if config.pingpong else ""}'
           f'{"_overlap" if config.overlap else ""}'
-          f'{"_persistent" if config.persistent else ""}'
-          f'{f"_fma{config.fma_exp2}" if config.fma_exp2 else ""}')
+          f'{"_persistent" if config.persistent else ""}')
 
 
 def _case_id(case_config):
@@ -124,20 +115,6 @@ def test_fwd_interpret_matches_reference(case_config):
                                        return_lse=True)
   _check('out', o, o_ref, TOL[case.dtype])
   _check('lse', lse, lse_ref, 1e-5)
-
-
-@pytest.mark.parametrize('jit', [False, True])
-def test_exp2_fma_matches_exp2(jit):
-  """The polynomial exp2 within 1e-4 relative of exp2 down to -125 and at
-  most 2^-124 below (-inf included: masked scores never take it); jitted
-  too, where XLA would fold its rounding away without the barrier."""
-  fn = jax.jit(flash_mosaic.exp2_fma) if jit else flash_mosaic.exp2_fma
-  x = jnp.concatenate([jnp.linspace(-125.0, 0.0, 200_001),
-                       jnp.array([-0.0, -1e-30, -0.5, -1.5, -124.5])])
-  got, want = np.asarray(fn(x)), np.exp2(np.asarray(x, np.float64))
-  assert np.max(np.abs(got / want - 1)) < 1e-4
-  below = np.asarray(fn(jnp.array([-125.5, -200.0, -1e30, -np.inf])))
-  assert np.all((below > 0) & (below <= 2.0**-124)), below
 
 
 BWD_CASES = [
@@ -320,8 +297,7 @@ def test_lowers_for_sm90(head_dim, causal):
 def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
-  memory: it fits only without Pallas's reduction scratch), exp2 on the
-  FMA units (slices and a concatenation of a WGMMA tile), the fused
+  memory: it fits only without Pallas's reduction scratch), the fused
   backward where it runs and a 3-stage dQ kernel below d128; the
   interpreter lacks the accumulator store (overlap), TMA reduce-add (fused)
   and shared-memory limit that only this build has."""
@@ -339,19 +315,13 @@ def test_variants_lower_for_sm90(head_dim, causal):
         **kwargs)
     o3, _ = flash_mosaic.flash_fwd(
         q, k, v, config=MosaicConfig(128, 3, overlap=True), **kwargs)
-    o4, _ = flash_mosaic.flash_fwd(
-        q, k, v, config=MosaicConfig(128, 2, pingpong=True, persistent=True,
-                                     fma_exp2=64), **kwargs)
-    o5, _ = flash_mosaic.flash_fwd(
-        q, k, v, config=MosaicConfig(128, 2, overlap=True, fma_exp2=32),
-        **kwargs)
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else [])]
-    return bwd, o2, o3, o4, o5
+    return bwd, o2, o3
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
 
@@ -491,11 +461,10 @@ GPU_CASES = [
     Case(1, 2048, 2048, 4, 1, 80, True),
     Case(1, 512, 1536, 2, 2, 96, True),
     Case(1, 1024, 256, 2, 2, 128, True),   # rows that see no key
-    # More tiles than SMs: where the default forward is persistent (here the
-    # d64 and d96 cases), each CTA runs several tiles (with no-key rows: some
-    # without steps); GPU_VARIANTS runs the d80 and d128 ones persistent too.
-    # On 2026-12-01 all four ran persistent on an H200 (the default then)
-    # and passed.
+    # More tiles than SMs: where the default forward is persistent (here
+    # all but the d128 case; d80 and d96 at every length since 2026-12-02),
+    # each CTA runs several tiles (with no-key rows: some without steps);
+    # GPU_VARIANTS runs the d128 one persistent too.
     Case(8, 1024, 1024, 8, 2, 64, True),
     Case(4, 1024, 1024, 8, 8, 80, False),
     Case(4, 512, 1024, 16, 4, 128, True),
@@ -532,9 +501,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, persistent=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 3, overlap=True)),
-    fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, fma_exp2=64)),
-    fa.MosaicTuning(fwd=MosaicConfig(128, 2, pingpong=True, persistent=True,
-                                     fma_exp2=32)),
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
