@@ -469,7 +469,8 @@ GPU_CASES = [
     Case(4, 1024, 1024, 8, 8, 80, False),
     Case(4, 512, 1024, 16, 4, 128, True),
     Case(4, 1024, 256, 8, 2, 96, True),
-    # d64 runs persistent at every length: long ones with many tiles.
+    # d64 runs persistent at every length (causal: up to 4096 keys): long
+    # ones with many tiles.
     Case(2, 2048, 2048, 8, 2, 64, True),
     Case(1, 4096, 4096, 8, 8, 64, False, jnp.float16),
 ] + _gpu_cases(6)
