@@ -136,14 +136,22 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     # dQ kernel: 5 key steps through 3 stages.
     (Case(1, 128, 640, 2, 1, 80, True),
      MosaicBwdConfig(block_k=128, num_stages=3)),
+    # 128-row dK/dV steps: GQA causal with a masked diagonal; serial on
+    # no-key rows, and at block_q 64.
+    (BWD_CASES[0], MosaicBwdConfig(block_q=128, block_k=128)),
+    (Case(1, 384, 256, 2, 1, 96, True),
+     MosaicBwdConfig(block_q=128, block_k=128, serial_scores=True)),
+    (BWD_CASES[3], MosaicBwdConfig(block_k=128, serial_scores=True)),
 ]
 
 
 def _bwd_config_id(config):
   if config is None:
     return ''
-  return (f'_fused_s{config.num_stages}' if config.fused else
-          f'_dq_k{config.block_k}_s{config.num_stages}')
+  return ((f'_fused_s{config.num_stages}' if config.fused else
+           f'_dq_k{config.block_k}_s{config.num_stages}') +
+          (f'_q{config.block_q}' if config.block_q != 64 else '') +
+          ('_serial' if config.serial_scores else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -298,7 +306,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), the fused
-  backward where it runs and a 3-stage dQ kernel below d128; the
+  backward where it runs, a 3-stage dQ kernel below d128 and 128-row
+  dK/dV steps (serial or not); the
   interpreter lacks the accumulator store (overlap), TMA reduce-add (fused)
   and shared-memory limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
@@ -320,7 +329,9 @@ def test_variants_lower_for_sm90(head_dim, causal):
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
-            if head_dim <= 96 else [])]
+            if head_dim <= 96 else []) +
+           [MosaicBwdConfig(block_q=128, block_k=128, serial_scores=serial)
+            for serial in (False, True)]]
     return bwd, o2, o3
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -356,6 +367,8 @@ def test_fused_needs_head_dim_64_or_128():
         interpret=False, config=FUSED), q, lse)
   with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
     MosaicBwdConfig(block_q=128, fused=True)
+  with pytest.raises(ValueError, match=r'serial_scores runs with two'):
+    MosaicBwdConfig(fused=True, serial_scores=True)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -507,6 +520,9 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=TWO_KERNELS),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
+    fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
+    fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128,
+                                        serial_scores=True)),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
