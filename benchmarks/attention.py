@@ -249,7 +249,7 @@ def mosaic_variants(head_dim):
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   # 128 query rows a dK/dV step: S^T and dP^T at wgmma N = 128; serial:
-  # one of them live at a time.
+  # one of their float32 tiles live at a time (plus the bf16 P).
   bwd += [MosaicBwdConfig(block_q=128, block_k=128, serial_scores=serial)
           for serial in (False, True)]
   if head_dim in FUSED_HEAD_DIMS:

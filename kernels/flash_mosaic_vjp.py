@@ -196,8 +196,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     return (p_t * (dp_t - delta)).astype(dtype)
 
   def body(masked, g, i, carry):
-    """S^T and dP^T issued back to back; P^T computed while dP^T runs, dS^T
-    while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
+    """S^T and dP^T issued back to back (serial_scores: dP^T after P^T, with
+    dV); P^T computed while dP^T runs, dS^T while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
     accumulators, so no second register tile). d128 fused: the dQ half
     right behind dK."""
     dk, dv = carry

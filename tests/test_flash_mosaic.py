@@ -136,8 +136,10 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     # dQ kernel: 5 key steps through 3 stages.
     (Case(1, 128, 640, 2, 1, 80, True),
      MosaicBwdConfig(block_k=128, num_stages=3)),
-    # 128-row dK/dV steps: GQA causal with a masked diagonal; serial on
-    # no-key rows, and at block_q 64.
+    # 128-row dK/dV steps: GQA causal with a masked diagonal; serial with
+    # skipped query blocks (lo > 0), a masked diagonal and MQA, and at
+    # block_q 64. The interpreter's wgmma is synchronous: these check the
+    # numerics; the issue order only runs on a GPU (GPU_VARIANTS).
     (BWD_CASES[0], MosaicBwdConfig(block_q=128, block_k=128)),
     (Case(1, 384, 256, 2, 1, 96, True),
      MosaicBwdConfig(block_q=128, block_k=128, serial_scores=True)),
