@@ -137,6 +137,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   # d128: two dQ parts, one per consumer every step, issued inside the step
   # right behind dK; d64: one part, the consumers take turns after the step.
   part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
+  serial = config.serial_scores
 
   def share_ds(step, ds_t):
     """Fused: this consumer's dS^T to the tile both read dQ from."""
@@ -197,9 +198,9 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
 
   def body(masked, g, i, carry):
     """S^T and dP^T issued back to back (serial_scores: dP^T after P^T, with
-    dV); P^T computed while dP^T runs, dS^T while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
-    accumulators, so no second register tile). d128 fused: the dQ half
-    right behind dK."""
+    dV); P^T computed while dP^T runs, dS^T while dV += P^T dO runs; dK and
+    dV accumulate in place (seeded wgmma accumulators, so no second
+    register tile). d128 fused: the dQ half right behind dK."""
     dk, dv = carry
     step = g * per_head + i - lo
     slot = lax.rem(step, stages)
@@ -207,7 +208,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     plgpu.barrier_wait(do_ready.at[slot])
 
     def scope(s_ref, dp_ref, dv_ref, dk_ref):
-      serial = config.serial_scores
       plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
       if not serial:
         plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
