@@ -248,10 +248,6 @@ def mosaic_variants(head_dim):
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
-  # 128 query rows a dK/dV step: S^T and dP^T at wgmma N = 128; serial:
-  # one of their float32 tiles live at a time (plus the bf16 P).
-  bwd += [MosaicBwdConfig(block_q=128, block_k=128, serial_scores=serial)
-          for serial in (False, True)]
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
@@ -269,8 +265,7 @@ def describe_mosaic(part, tuning):
             f'{" persistent" if c.persistent else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
-          f'{" fused" if c.fused else ""}'
-          f'{" serial" if c.serial_scores else ""}')
+          f'{" fused" if c.fused else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):

@@ -44,17 +44,11 @@ class MosaicBwdConfig:
     (dq_part: at d128 one per consumer every step, at d64 in turns). Needs
     block_q == 64 (wgmma's M), head_dim in FUSED_HEAD_DIMS, and an extra
     float32 pass over dQ.
-  serial_scores: dP^T is issued after P^T is computed, not beside S^T, so
-    only one [64, block_q] float32 tile is live with dK and dV (for
-    block_q 128: 64 registers a thread less; S^T and dP^T at wgmma N = 128
-    read 3/4 of the smem bandwidth at the tensor peak, against all of it at
-    N = 64). Two kernels only.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
-  serial_scores: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -70,8 +64,6 @@ class MosaicBwdConfig:
     if self.fused and self.block_q != fm.ROWS_WG:
       raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
                        f'{self.block_q}')
-    if self.fused and self.serial_scores:
-      raise ValueError('serial_scores runs with two kernels only, not fused')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -137,7 +129,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   # d128: two dQ parts, one per consumer every step, issued inside the step
   # right behind dK; d64: one part, the consumers take turns after the step.
   part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
-  serial = config.serial_scores
 
   def share_ds(step, ds_t):
     """Fused: this consumer's dS^T to the tile both read dQ from."""
@@ -197,10 +188,10 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     return (p_t * (dp_t - delta)).astype(dtype)
 
   def body(masked, g, i, carry):
-    """S^T and dP^T issued back to back (serial_scores: dP^T after P^T, with
-    dV); P^T computed while dP^T runs, dS^T while dV += P^T dO runs; dK and
-    dV accumulate in place (seeded wgmma accumulators, so no second
-    register tile). d128 fused: the dQ half right behind dK."""
+    """S^T and dP^T issued back to back; P^T computed while dP^T runs, dS^T
+    while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
+    accumulators, so no second register tile). d128 fused: the dQ half
+    right behind dK."""
     dk, dv = carry
     step = g * per_head + i - lo
     slot = lax.rem(step, stages)
@@ -209,20 +200,17 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
 
     def scope(s_ref, dp_ref, dv_ref, dk_ref):
       plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
-      if not serial:
-        plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
-      p_t = scores(masked, i, slot, plgpu.wgmma_accumulator_load(
-          s_ref, wait_n=0 if serial else 1))
+      plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
+      p_t = scores(masked, i, slot,
+                   plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
       p16_t = p_t.astype(dtype)
-      if serial:  # before dV: waiting for dP^T then leaves dV in flight
-        plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
       fm.seed_acc(dv_ref, dv, interpret)
       plgpu.wgmma(dv_ref, fm.stage_lhs(p16_t, stage), do_smem.at[slot])
       dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
-      # With dQ in the step (or serial), dS from the bf16 P: the float32 P
-      # then dies before dS is built (without this, ptxas spilled at d128).
+      # With dQ in the step, dS from the bf16 P: the float32 P then dies
+      # before dS is built (without this, ptxas spilled at d128).
       ds_t = grad_scores(slot, p16_t.astype(jnp.float32)
-                         if part_per_consumer or serial else p_t, dp_t)
+                         if part_per_consumer else p_t, dp_t)
       if config.fused:
         share_ds(step, ds_t)
       fm.seed_acc(dk_ref, dk, interpret)

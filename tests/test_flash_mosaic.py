@@ -136,14 +136,8 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     # dQ kernel: 5 key steps through 3 stages.
     (Case(1, 128, 640, 2, 1, 80, True),
      MosaicBwdConfig(block_k=128, num_stages=3)),
-    # 128-row dK/dV steps: GQA causal with a masked diagonal; serial with
-    # skipped query blocks (lo > 0), a masked diagonal and MQA, and at
-    # block_q 64. The interpreter's wgmma is synchronous: these check the
-    # numerics; the issue order only runs on a GPU (GPU_VARIANTS).
+    # 128-row dK/dV steps: GQA causal with a masked diagonal.
     (BWD_CASES[0], MosaicBwdConfig(block_q=128, block_k=128)),
-    (Case(1, 384, 256, 2, 1, 96, True),
-     MosaicBwdConfig(block_q=128, block_k=128, serial_scores=True)),
-    (BWD_CASES[3], MosaicBwdConfig(block_k=128, serial_scores=True)),
 ]
 
 
@@ -152,8 +146,7 @@ def _bwd_config_id(config):
     return ''
   return ((f'_fused_s{config.num_stages}' if config.fused else
            f'_dq_k{config.block_k}_s{config.num_stages}') +
-          (f'_q{config.block_q}' if config.block_q != 64 else '') +
-          ('_serial' if config.serial_scores else ''))
+          (f'_q{config.block_q}' if config.block_q != 64 else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -309,7 +302,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), the fused
   backward where it runs, a 3-stage dQ kernel below d128 and 128-row
-  dK/dV steps (serial or not); the
+  dK/dV steps; the
   interpreter lacks the accumulator store (overlap), TMA reduce-add (fused)
   and shared-memory limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
@@ -332,8 +325,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
-           [MosaicBwdConfig(block_q=128, block_k=128, serial_scores=serial)
-            for serial in (False, True)]]
+           [MosaicBwdConfig(block_q=128, block_k=128)]]
     return bwd, o2, o3
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -369,8 +361,6 @@ def test_fused_needs_head_dim_64_or_128():
         interpret=False, config=FUSED), q, lse)
   with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
     MosaicBwdConfig(block_q=128, fused=True)
-  with pytest.raises(ValueError, match=r'serial_scores runs with two'):
-    MosaicBwdConfig(fused=True, serial_scores=True)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -523,8 +513,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
-    fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128,
-                                        serial_scores=True)),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
