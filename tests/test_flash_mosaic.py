@@ -127,6 +127,8 @@ BWD_CASES = [
 
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
+LAG_STAGGER = MosaicBwdConfig(fused=True, dq_lag=True, stagger=True)
+STAGGER = MosaicBwdConfig(block_k=128, stagger=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -138,6 +140,14 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
      MosaicBwdConfig(block_k=128, num_stages=3)),
     # 128-row dK/dV steps: GQA causal with a masked diagonal.
     (BWD_CASES[0], MosaicBwdConfig(block_q=128, block_k=128)),
+    # dQ a step late, query blocks staggered: d128 causal GQA (the second
+    # key CTA skips blocks and rotates the unmasked ones), d64 in turns
+    # with no-key rows, 4 key CTAs over 4 query blocks, two kernels.
+    (BWD_CASES[0], LAG_STAGGER),
+    (Case(1, 384, 256, 4, 2, 64, True), MosaicBwdConfig(fused=True,
+                                                         dq_lag=True)),
+    (Case(1, 256, 512, 2, 1, 128, False), LAG_STAGGER),
+    (Case(1, 256, 512, 2, 1, 96, False), STAGGER),
 ]
 
 
@@ -146,7 +156,9 @@ def _bwd_config_id(config):
     return ''
   return ((f'_fused_s{config.num_stages}' if config.fused else
            f'_dq_k{config.block_k}_s{config.num_stages}') +
-          (f'_q{config.block_q}' if config.block_q != 64 else ''))
+          (f'_q{config.block_q}' if config.block_q != 64 else '') +
+          ('_lag' if config.dq_lag else '') +
+          ('_stagger' if config.stagger else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -301,8 +313,9 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), the fused
-  backward where it runs, a 3-stage dQ kernel below d128 and 128-row
-  dK/dV steps; the
+  backward where it runs (also with dq_lag and stagger; elsewhere two
+  kernels with stagger), a 3-stage dQ kernel below d128 and 128-row dK/dV
+  steps; the
   interpreter lacks the accumulator store (overlap), TMA reduce-add (fused)
   and shared-memory limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
@@ -321,7 +334,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
         q, k, v, config=MosaicConfig(128, 3, overlap=True), **kwargs)
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED] if fused else [TWO_KERNELS]) +
+           for config in ([FUSED, LAG_STAGGER] if fused else
+                          [TWO_KERNELS, STAGGER]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -361,6 +375,8 @@ def test_fused_needs_head_dim_64_or_128():
         interpret=False, config=FUSED), q, lse)
   with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
     MosaicBwdConfig(block_q=128, fused=True)
+  with pytest.raises(ValueError, match=r'dq_lag needs fused'):
+    MosaicBwdConfig(dq_lag=True)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -513,6 +529,9 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
+    fa.MosaicTuning(bwd=MosaicBwdConfig(fused=True, dq_lag=True)),
+    fa.MosaicTuning(bwd=LAG_STAGGER),
+    fa.MosaicTuning(bwd=STAGGER),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
