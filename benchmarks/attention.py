@@ -245,14 +245,11 @@ def mosaic_variants(head_dim):
           if head_dim <= 64 else
            # Above d64 a third stage (fits at d128 only without persistence).
            [MosaicConfig(128, 3, overlap=True)])
-  bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
-         MosaicBwdConfig(block_k=128, stagger=True)]
+  bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
-    bwd += [MosaicBwdConfig(fused=True),
-            MosaicBwdConfig(fused=True, dq_lag=True),
-            MosaicBwdConfig(fused=True, dq_lag=True, stagger=True)]
+    bwd.append(MosaicBwdConfig(fused=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
       bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
@@ -268,9 +265,7 @@ def describe_mosaic(part, tuning):
             f'{" persistent" if c.persistent else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
-          f'{" fused" if c.fused else ""}'
-          f'{" lag" if c.dq_lag else ""}'
-          f'{" stagger" if c.stagger else ""}')
+          f'{" fused" if c.fused else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):

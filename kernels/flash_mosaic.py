@@ -84,9 +84,11 @@ class MosaicConfig:
     - d64: ping-pong, persistent always without the mask and up to 4096 keys
       with it (+16% at s2048 causal, +8% at s4096; at 8192 a tie, at 16384
       4% lost).
-    - d80 and d96: ping-pong persistent (2026-12-02, against overlap: 5-9%
-      less time at 1024-2048 keys d80 non-causal, 8-13% at d96 s1024,
-      elsewhere 1-7% or a tie; d96 s4096 non-causal 1.4% more).
+    - d80 and d96: ping-pong persistent up to 8192 keys (2026-12-02,
+      against overlap: 5-9% less time at 1024-2048 keys d80 non-causal,
+      8-13% at d96 s1024, elsewhere 1-7% or a tie; d96 s4096 non-causal
+      1.4% more); above, as d128 (at 16384 keys 14-15% less time causal,
+      4.5% d96 non-causal; d80 non-causal 2% more).
     - d128: overlap, persistent up to 512 keys (at 1024 keys it lost 8-14%;
       at 2048 causal 4%)."""
     if head_dim <= 64:  # a 256-key block only without the mask
@@ -94,7 +96,7 @@ class MosaicConfig:
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
       return cls(128, 3, pingpong=True, persistent=persistent)
-    if head_dim < 128:
+    if head_dim < 128 and seq_kv <= 8192:
       return cls(128, 2, pingpong=True, persistent=True)
     # Shared memory (bf16): Q/O 128 x d (persistent: twice), plus stages x 2
     # x block_k x d for K and V: d128 with 3 stages takes 224.6 KiB of the

@@ -44,19 +44,11 @@ class MosaicBwdConfig:
     (dq_part: at d128 one per consumer every step, at d64 in turns). Needs
     block_q == 64 (wgmma's M), head_dim in FUSED_HEAD_DIMS, and an extra
     float32 pass over dQ.
-  dq_lag: fused: each step computes the previous step's dQ, whose dS^T
-    both consumers have written by then, so neither waits for the other's
-    dS^T of the step it is in and the two may drift up to a step apart.
-  stagger: each dK/dV CTA starts its unmasked query blocks at an offset of
-    its key block, so the CTAs of one head do not reduce-add into (fused)
-    or read the same query rows at the same time.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
-  dq_lag: bool = False
-  stagger: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -69,8 +61,6 @@ class MosaicBwdConfig:
     return cls(block_k=128)
 
   def __post_init__(self):
-    if self.dq_lag and not self.fused:
-      raise ValueError('dq_lag needs fused=True')
     if self.fused and self.block_q != fm.ROWS_WG:
       raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
                        f'{self.block_q}')
@@ -114,7 +104,7 @@ def _add_to_gmem(x, dst, smem_ref, bar, interpret):
 
 
 def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
-                   step_rows, sm_scale, causal_offset, config, interpret):
+                   sm_scale, causal_offset, config, interpret):
   q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref = refs
   (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, stage, ds_smem,
    dq_smem) = smem
@@ -166,7 +156,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     step's, so the step's parity would always pick the same buffer)."""
     dq = pl.run_scoped(functools.partial(dq_part, step, part),
                        plgpu.ACC((bq, DQ_COLS), jnp.float32))
-    h, q_rows = step_rows(step)
+    h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
     dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
     buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
     _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
@@ -179,21 +169,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     pl.when(mine)(functools.partial(dq_of, step, 0))
     pl.when(jnp.logical_not(mine))(functools.partial(
         plgpu.barrier_arrive, ds_free.at[lax.rem(step, 2)]))
-
-  def step_dq(step):
-    """Fused: this consumer's share of `step`'s dQ."""
-    if part_per_consumer:
-      dq_of(step, wg)
-    else:
-      dq_turn(step)
-
-  def dq_due(step):
-    """Fused, where `step`'s dK is issued: that step's dQ, or with dq_lag
-    the step before's (the last one follows the loop)."""
-    if config.dq_lag:
-      pl.when(step > 0)(functools.partial(step_dq, step - 1))
-    else:
-      step_dq(step)
 
   def scores(masked, i, slot, s_t):
     """P^T from raw S^T, masked on the diagonal."""
@@ -241,7 +216,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       fm.seed_acc(dk_ref, dk, interpret)
       plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
       if part_per_consumer:
-        dq_due(step)
+        dq_of(step, wg)
       return (fm.read_acc(dk_ref, dk, interpret),
               fm.read_acc(dv_ref, dv, interpret))
 
@@ -252,7 +227,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
         plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
     if config.fused and not part_per_consumer:
-      dq_due(step)
+      dq_turn(step)
     return dk, dv
 
   def head(g, carry):
@@ -267,9 +242,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       plgpu.barrier_arrive(ds_free.at[buf])
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-  if config.dq_lag:
-    last = group * per_head - 1
-    pl.when(last >= 0)(functools.partial(step_dq, last))
   if config.fused:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])
@@ -281,20 +253,11 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _step_rows(step, *, kv_h, group, q_range, block_q, shift):
-  """(q head, query rows) of a dK/dV CTA's step: the query blocks [lo,
-  num_q) of each of its kv head's `group` q heads in turn, the unmasked
-  ones from first_full rotated by `shift` (a traced int, or None)."""
-  lo, first_full, num_q = q_range
-  per_head = num_q - lo
+def _step_rows(step, kv_h, group, lo, per_head, block_q):
+  """(q head, query rows) of a dK/dV CTA's step: per_head query blocks from
+  block lo of each of its kv head's `group` q heads in turn."""
   h = kv_h * group + lax.div(step, per_head)
-  block = lo + lax.rem(step, per_head)
-  if shift is not None:
-    full = num_q - first_full
-    rotated = first_full + lax.rem(block - first_full + shift,
-                                   jnp.maximum(full, 1))
-    block = jnp.where(block >= first_full, rotated, block)
-  return h, pl.ds(block * block_q, block_q)
+  return h, pl.ds((lo + lax.rem(step, per_head)) * block_q, block_q)
 
 
 def _q_range(k_start, block_q, seq_q, causal_offset):
@@ -323,10 +286,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   kv_h, b = lax.axis_index('h'), lax.axis_index('b')
   k_start = lax.axis_index('k') * BLOCK_K
   q_range = _q_range(k_start, config.block_q, seq_q, causal_offset)
-  step_rows = functools.partial(
-      _step_rows, kv_h=kv_h, group=group, q_range=q_range,
-      block_q=config.block_q,
-      shift=lax.axis_index('k') if config.stagger else None)
   wg = lax.axis_index('wg')
 
   @pl.when(wg < fm.NUM_CONSUMERS)
@@ -334,7 +293,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
     plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
     _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
                    wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
-                   group=group, step_rows=step_rows, sm_scale=scale_ref[0],
+                   group=group, sm_scale=scale_ref[0],
                    causal_offset=causal_offset, config=config,
                    interpret=interpret)
 
@@ -344,14 +303,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
     _, _, q_smem, do_smem, lse2_smem, delta_smem, *_ = smem
     _, _, q_ready, do_ready, lse_ready, delta_ready, free, *_ = bars
     lo, _, num_q = q_range
-    per_head = num_q - lo
+    per_head, bq = num_q - lo, config.block_q
 
     def tile(step):
-      h, rows = step_rows(step)
+      h, rows = _step_rows(step, kv_h, group, lo, per_head, bq)
       return b, rows, h
 
     def vec(step):
-      h, rows = step_rows(step)
+      h, rows = _step_rows(step, kv_h, group, lo, per_head, bq)
       return b, h, rows
 
     loads = [(fm.tma_loader(q_ref, q_smem, tile), q_ready),

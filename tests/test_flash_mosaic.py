@@ -127,8 +127,6 @@ BWD_CASES = [
 
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
-LAG_STAGGER = MosaicBwdConfig(fused=True, dq_lag=True, stagger=True)
-STAGGER = MosaicBwdConfig(block_k=128, stagger=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -140,14 +138,6 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
      MosaicBwdConfig(block_k=128, num_stages=3)),
     # 128-row dK/dV steps: GQA causal with a masked diagonal.
     (BWD_CASES[0], MosaicBwdConfig(block_q=128, block_k=128)),
-    # dQ a step late, query blocks staggered: d128 causal GQA (the second
-    # key CTA skips blocks and rotates the unmasked ones), d64 in turns
-    # with no-key rows, 4 key CTAs over 4 query blocks, two kernels.
-    (BWD_CASES[0], LAG_STAGGER),
-    (Case(1, 384, 256, 4, 2, 64, True), MosaicBwdConfig(fused=True,
-                                                         dq_lag=True)),
-    (Case(1, 256, 512, 2, 1, 128, False), LAG_STAGGER),
-    (Case(1, 256, 512, 2, 1, 96, False), STAGGER),
 ]
 
 
@@ -156,9 +146,7 @@ def _bwd_config_id(config):
     return ''
   return ((f'_fused_s{config.num_stages}' if config.fused else
            f'_dq_k{config.block_k}_s{config.num_stages}') +
-          (f'_q{config.block_q}' if config.block_q != 64 else '') +
-          ('_lag' if config.dq_lag else '') +
-          ('_stagger' if config.stagger else ''))
+          (f'_q{config.block_q}' if config.block_q != 64 else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -313,9 +301,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), the fused
-  backward where it runs (also with dq_lag and stagger; elsewhere two
-  kernels with stagger), a 3-stage dQ kernel below d128 and 128-row dK/dV
-  steps; the
+  backward where it runs, a 3-stage dQ kernel below d128 and 128-row
+  dK/dV steps; the
   interpreter lacks the accumulator store (overlap), TMA reduce-add (fused)
   and shared-memory limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
@@ -334,8 +321,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
         q, k, v, config=MosaicConfig(128, 3, overlap=True), **kwargs)
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED, LAG_STAGGER] if fused else
-                          [TWO_KERNELS, STAGGER]) +
+           for config in ([FUSED] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -375,8 +361,6 @@ def test_fused_needs_head_dim_64_or_128():
         interpret=False, config=FUSED), q, lse)
   with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
     MosaicBwdConfig(block_q=128, fused=True)
-  with pytest.raises(ValueError, match=r'dq_lag needs fused'):
-    MosaicBwdConfig(dq_lag=True)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -483,7 +467,7 @@ GPU_CASES = [
     Case(1, 512, 1536, 2, 2, 96, True),
     Case(1, 1024, 256, 2, 2, 128, True),   # rows that see no key
     # More tiles than SMs: where the default forward is persistent (here
-    # all but the d128 case; d80 and d96 at every length since 2026-12-02),
+    # all but the d128 case; d80 and d96 up to 8192 keys since 2026-12-02),
     # each CTA runs several tiles (with no-key rows: some without steps);
     # GPU_VARIANTS runs the d128 one persistent too.
     Case(8, 1024, 1024, 8, 2, 64, True),
@@ -494,6 +478,8 @@ GPU_CASES = [
     # ones with many tiles.
     Case(2, 2048, 2048, 8, 2, 64, True),
     Case(1, 4096, 4096, 8, 8, 64, False, jnp.float16),
+    # d80 and d96 above 8192 keys: overlap, not persistent.
+    Case(1, 16384, 16384, 4, 2, 96, True),
 ] + _gpu_cases(6)
 
 
@@ -529,9 +515,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
-    fa.MosaicTuning(bwd=MosaicBwdConfig(fused=True, dq_lag=True)),
-    fa.MosaicTuning(bwd=LAG_STAGGER),
-    fa.MosaicTuning(bwd=STAGGER),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
