@@ -489,20 +489,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
   block_k, num_stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
   num_q = seq_q // BLOCK_Q
-  if config.persistent:  # round n: tiles n * ctas + [0, ctas)
+  if config.persistent:  # tiles cta, cta + ctas, ...
     cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
-    rounds, left = divmod(num_q * heads * batch, ctas)
-
-    def place(n):
-      """This CTA's tile of round n. Causal: the rounds go back and forth
-      (tiles get shorter along fwd_tile's order, so CTA 0 would take the
-      longest of every round)."""
-      if not causal:
-        return cta
-      return jnp.where(lax.rem(n, 2) == 0, cta, ctas - 1 - cta)
-
-    count = rounds + (place(rounds) < left).astype(jnp.int32)
-    tile_index = lambda n: fwd_tile(n * ctas + place(n), num_q, heads, batch,
+    count = lax.div(num_q * heads * batch - cta + ctas - 1, ctas)
+    tile_index = lambda n: fwd_tile(cta + n * ctas, num_q, heads, batch,
                                     causal)
   else:  # one tile per CTA; causal: the longest rows first
     q = lax.axis_index('q')
