@@ -87,8 +87,8 @@ class MosaicConfig:
     - d80 and d96: ping-pong persistent up to 8192 keys (2026-12-02,
       against overlap: 5-9% less time at 1024-2048 keys d80 non-causal,
       8-13% at d96 s1024, elsewhere 1-7% or a tie; d96 s4096 non-causal
-      1.4% more); above, as d128 (at 16384 keys 14-15% less time causal,
-      4.5% d96 non-causal; d80 non-causal 2% more).
+      1.4% more); above, as d128 (at 16384 keys 12-13% less time causal,
+      4.4% d96 non-causal; d80 non-causal 2% more, within run spread).
     - d128: overlap, persistent up to 512 keys (at 1024 keys it lost 8-14%;
       at 2048 causal 4%)."""
     if head_dim <= 64:  # a 256-key block only without the mask

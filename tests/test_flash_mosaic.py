@@ -136,8 +136,11 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     # dQ kernel: 5 key steps through 3 stages.
     (Case(1, 128, 640, 2, 1, 80, True),
      MosaicBwdConfig(block_k=128, num_stages=3)),
-    # 128-row dK/dV steps: GQA causal with a masked diagonal.
+    # 128-row dK/dV steps: GQA causal with a masked diagonal; no-key rows,
+    # MQA.
     (BWD_CASES[0], MosaicBwdConfig(block_q=128, block_k=128)),
+    (Case(1, 384, 256, 2, 1, 96, True),
+     MosaicBwdConfig(block_q=128, block_k=128)),
 ]
 
 
@@ -301,10 +304,10 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), the fused
-  backward where it runs, a 3-stage dQ kernel below d128 and 128-row
-  dK/dV steps; the
-  interpreter lacks the accumulator store (overlap), TMA reduce-add (fused)
-  and shared-memory limit that only this build has."""
+  backward where it runs and a 3-stage dQ kernel below d128, plus 128-row
+  dK/dV steps (a setting out of the sweep); the interpreter lacks the
+  accumulator store (overlap), TMA reduce-add (fused) and shared-memory
+  limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
   kwargs = dict(sm_scale=0.1, causal=causal, interpret=False)
@@ -478,7 +481,8 @@ GPU_CASES = [
     # ones with many tiles.
     Case(2, 2048, 2048, 8, 2, 64, True),
     Case(1, 4096, 4096, 8, 8, 64, False, jnp.float16),
-    # d80 and d96 above 8192 keys: overlap, not persistent.
+    # d80 and d96 above 8192 keys: overlap, not persistent (d96 causal here;
+    # GPU_VARIANTS runs overlap at d80).
     Case(1, 16384, 16384, 4, 2, 96, True),
 ] + _gpu_cases(6)
 
@@ -502,8 +506,9 @@ def test_gpu_auto_picks_mosaic_on_hopper():
   assert fa._choose_backend('auto', q, k, False, None) == want
 
 
-# Variants of the benchmark sweep (benchmarks/attention.py --sweep_mosaic)
-# through the public API, gradients included.
+# Variants of the benchmark sweep (benchmarks/attention.py --sweep_mosaic),
+# plus 128-row dK/dV steps (out of the sweep), through the public API,
+# gradients included.
 GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, pingpong=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True)),
