@@ -15,6 +15,9 @@ when causal; forward+backward 3.5x that.
   python benchmarks/attention.py --sweep            # our kernel's variants
   python benchmarks/attention.py --sweep_mosaic     # the Mosaic kernels' knobs
                                                     # (and ptxas's spills)
+  python benchmarks/attention.py --sweep_mosaic --shapes b1_s16384_h24_d96 \
+      --variants 'fwd k128 s2 overlap,fwd k128 s2 pingpong persistent' \
+      --rounds 3                                    # an A/B, rounds in turn
 Writes <out>/attention_<gpu>.json (default benchmarks/results/).
 """
 import argparse
@@ -22,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -57,15 +61,30 @@ class Shape:
 
   @property
   def name(self):
-    return f's{self.seq}_d{self.head_dim}'
+    if self in SHAPES:
+      return f's{self.seq}_d{self.head_dim}'
+    return f'b{self.batch}_s{self.seq}_h{self.heads}_d{self.head_dim}'
 
 
 SHAPES = [Shape(TOKENS // s, s, 2048 // d, d)
           for d in (128, 64) for s in (512, 1024, 2048, 4096, 8192, 16384)]
 SHAPES.append(Shape(4, 1024, 32, 80))  # the seed model (GPT-3 2.7B)
+CUSTOM_SHAPE = re.compile(r'b(\d+)_s(\d+)_h(\d+)_d(\d+)')
 QUICK = ('s2048_d128', 's8192_d128', 's2048_d64', 's1024_d80')
 # --sweep_mosaic: one long and one short shape per head_dim, most telling first.
 SWEEP_MOSAIC = ('s8192_d128', 's1024_d80', 's2048_d64', 's2048_d128')
+
+
+def shape_named(name):
+  """One of SHAPES by name (s8192_d128), or any shape as b4_s1024_h32_d80."""
+  for shape in SHAPES:
+    if shape.name == name:
+      return shape
+  if match := CUSTOM_SHAPE.fullmatch(name):
+    return Shape(*map(int, match.groups()))
+  raise ValueError(f'unknown shape {name!r}: one of '
+                   f'{", ".join(s.name for s in SHAPES)}, or b<batch>_s<seq>_'
+                   'h<heads>_d<head_dim>')
 
 
 def fwd_flops(shape, causal):
@@ -268,10 +287,12 @@ def describe_mosaic(part, tuning):
           f'{" fused" if c.fused else ""}')
 
 
-def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):
-  """Each Mosaic variant's forward or backward alone (those of `parts`),
-  after checking it (forward and backward) against the f32 reference;
-  cuDNN's forward and forward+backward for scale."""
+def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
+  """Each Mosaic variant's forward or backward alone (those of `parts`; of
+  `names` only, if given), after checking it (forward and backward) against
+  the f32 reference; cuDNN's forward and forward+backward for scale. With
+  rounds > 1, every variant is timed once a round, in turn (ms: the median
+  of the rounds), so that drifts of the GPU's clocks hit all alike."""
   q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
   flops = fwd_flops(shape, causal)
   # The default kernels, compiled before any variant's ptxas report is taken.
@@ -279,11 +300,11 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):
   jax.block_until_ready(flash_attention_bwd(q, k, v, o, lse, do,
                                             causal=causal, backend='mosaic'))
   want = reference_outputs(shape, causal)
-  records = []
+  records, timed = [], []
   for part, tuning in mosaic_variants(shape.head_dim):
-    if part not in parts:
-      continue
     name = describe_mosaic(part, tuning)
+    if part not in parts or (names is not None and name not in names):
+      continue
     record = dict(shape=shape.name, causal=causal, part=part, variant=name)
     reports = []
     try:
@@ -292,18 +313,26 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd')):
         if part == 'fwd':
           fn = jax.jit(lambda q, k, v, t=tuning: flash_attention_fwd(
               q, k, v, causal=causal, backend='mosaic', mosaic_config=t))
-          ms = time_ms(fn, (q, k, v))
-          record.update(ms=ms, tflops=flops / ms / 1e9)
+          args = (q, k, v)
         else:
           fn = jax.jit(lambda *a, t=tuning: flash_attention_bwd(
               *a, causal=causal, backend='mosaic', mosaic_config=t))
-          ms = time_ms(fn, (q, k, v, o, lse, do))
-          record.update(ms=ms, tflops=2.5 * flops / ms / 1e9)
+          args = (q, k, v, o, lse, do)
+        record['ms_rounds'] = [time_ms(fn, args)]
+      timed.append((record, fn, args))
     except Exception as e:  # pylint: disable=broad-except
       record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
     record['ptxas'] = reports  # the kernels first compiled for this variant
-    print(json.dumps(record), flush=True)
     records.append(record)
+  for _ in range(rounds - 1):
+    for record, fn, args in timed:
+      record['ms_rounds'].append(time_ms(fn, args))
+  for record, _, _ in timed:
+    ms = statistics.median(record['ms_rounds'])
+    work = flops if record['part'] == 'fwd' else 2.5 * flops
+    record.update(ms=ms, tflops=work / ms / 1e9)
+  for record in records:
+    print(json.dumps(record), flush=True)
   ref = dict(shape=shape.name, causal=causal, part='cudnn', variant='cudnn')
   try:
     ref.update(bench_impl('cudnn', shape, causal))
@@ -368,7 +397,8 @@ def compare(shape, causal, impls, check_ours):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--shapes', help='comma list of names, e.g. s8192_d128')
+  parser.add_argument('--shapes', help='comma list of names, e.g. s8192_d128 '
+                      'or b4_s1024_h32_d80')
   parser.add_argument('--impls', default=','.join(IMPLS))
   parser.add_argument('--causal', choices=('both', 'yes', 'no'),
                       default='both')
@@ -381,6 +411,13 @@ def main():
                       f'{",".join(SWEEP_MOSAIC)})')
   parser.add_argument('--mosaic_parts', default='fwd,bwd',
                       help='with --sweep_mosaic: fwd, bwd or both')
+  parser.add_argument('--variants',
+                      help='with --sweep_mosaic: comma list of variant names '
+                      "as it prints them (e.g. 'fwd k128 s2 overlap'); "
+                      'default all')
+  parser.add_argument('--rounds', type=int, default=1,
+                      help='with --sweep_mosaic: time the variants in this '
+                      'many rounds, in turn')
   parser.add_argument('--no-check', action='store_true')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results'))
@@ -389,8 +426,16 @@ def main():
   names = (args.shapes.split(',') if args.shapes else
            QUICK if args.quick else
            SWEEP_MOSAIC if args.sweep_mosaic else [s.name for s in SHAPES])
-  shapes = sorted((s for s in SHAPES if s.name in names),
-                  key=lambda s: names.index(s.name))
+  try:
+    shapes = [shape_named(name) for name in names]
+  except ValueError as e:
+    parser.error(str(e))
+  variants = args.variants and args.variants.split(',')
+  for shape in shapes if variants else ():
+    known = [describe_mosaic(*v) for v in mosaic_variants(shape.head_dim)]
+    if unknown := [v for v in variants if v not in known]:
+      parser.error(f'--variants {unknown} not among d{shape.head_dim}\'s: '
+                   f'{known}')
   causals = {'both': (False, True), 'yes': (True,), 'no': (False,)}[args.causal]
   impls = args.impls.split(',')
   device = jax.devices()[0].device_kind
@@ -409,8 +454,9 @@ def main():
       if args.sweep:
         records += sweep(shape, causal)
       elif args.sweep_mosaic:
-        records += sweep_mosaic(shape, causal,
-                                args.mosaic_parts.split(','))
+        records += sweep_mosaic(
+            shape, causal, args.mosaic_parts.split(','),
+            names=variants, rounds=args.rounds)
       else:
         records += compare(shape, causal, impls,
                            check_ours=not args.no_check)

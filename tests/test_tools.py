@@ -227,3 +227,33 @@ def test_ptxas_report_reads_spills_from_the_process_stdout():
                   'by compiler to allow use of registers in GMMA in function '
                   "'anonymous_mosaic_gpu_kernel'"]),
       dict(spill_stores=0, spill_loads=0, stack=0, notes=[])]
+
+
+def test_attention_sweep_times_chosen_variants_in_rounds(monkeypatch):
+  """--sweep_mosaic --variants --rounds (an A/B): only the named variants,
+  each checked against the reference, then timed once a round in turn;
+  ms is the median of its rounds. On CPU the kernels run interpreted and the
+  clock is a stand-in that logs each call."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import functools  # pylint: disable=g-import-not-at-top
+  import attention  # pylint: disable=g-import-not-at-top
+  for name in ('flash_attention', 'flash_attention_fwd',
+               'flash_attention_bwd'):
+    monkeypatch.setattr(attention, name, functools.partial(
+        getattr(attention, name), interpret=True))
+  calls, times = [], iter([3.0, 5.0, 1.0, 2.0, 4.0, 9.0])
+  monkeypatch.setattr(attention, 'time_ms',
+                      lambda fn, args: calls.append(fn) or next(times))
+  names = ['fwd k128 s3 pingpong persistent', 'fwd k128 s3 pingpong']
+  records = attention.sweep_mosaic(attention.shape_named('b1_s256_h2_d64'),
+                                   True, ('fwd',), names=names, rounds=3)
+  ours = [r for r in records if r['part'] == 'fwd']
+  assert [r['variant'] for r in ours] == sorted(names, key=[
+      attention.describe_mosaic(*v)
+      for v in attention.mosaic_variants(64)].index)
+  first, second = calls[:2]  # then cuDNN's, for scale (it fails on CPU)
+  assert first is not second and calls[:6] == [first, second] * 3
+  assert [r['ms_rounds'] for r in ours] == [[3.0, 1.0, 4.0], [5.0, 2.0, 9.0]]
+  assert [r['ms'] for r in ours] == [3.0, 5.0]
+  assert all(r['rel_err'] < 1e-2 for r in ours)
+  assert records[-1]['part'] == 'cudnn'
