@@ -431,9 +431,9 @@ def main():
   except ValueError as e:
     parser.error(str(e))
   variants = args.variants and args.variants.split(',')
-  for shape in shapes if variants else ():
+  for shape in shapes:
     known = [describe_mosaic(*v) for v in mosaic_variants(shape.head_dim)]
-    if unknown := [v for v in variants if v not in known]:
+    if unknown := [v for v in variants or () if v not in known]:
       parser.error(f'--variants {unknown} not among d{shape.head_dim}\'s: '
                    f'{known}')
   causals = {'both': (False, True), 'yes': (True,), 'no': (False,)}[args.causal]

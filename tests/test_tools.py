@@ -1,6 +1,7 @@
 """The tools around training, as a user runs them on a short run: progress
 bar, TensorBoard events, profile trace, plots, evaluation, sampling."""
 import fcntl
+import functools
 import gzip
 import io
 import json
@@ -235,7 +236,6 @@ def test_attention_sweep_times_chosen_variants_in_rounds(monkeypatch):
   ms is the median of its rounds. On CPU the kernels run interpreted and the
   clock is a stand-in that logs each call."""
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  import functools  # pylint: disable=g-import-not-at-top
   import attention  # pylint: disable=g-import-not-at-top
   for name in ('flash_attention', 'flash_attention_fwd',
                'flash_attention_bwd'):
