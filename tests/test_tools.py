@@ -14,6 +14,7 @@ import termios
 import threading
 
 import jax
+import jax.numpy as jnp
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
@@ -257,3 +258,20 @@ def test_attention_sweep_times_chosen_variants_in_rounds(monkeypatch):
   assert [r['ms'] for r in ours] == [3.0, 5.0]
   assert all(r['rel_err'] < 1e-2 for r in ours)
   assert records[-1]['part'] == 'cudnn'
+
+
+@pytest.mark.parametrize('impl', ['mosaic_pad96', 'mosaic_pad128'])
+def test_attention_padded_impls_match_reference(monkeypatch, impl):
+  """The d80 padding rows (head_dim zero-padded to 96 or 128, sm_scale kept
+  at 1/sqrt(80), output sliced back): forward and gradients agree with the
+  f32 reference (interpreted on CPU); a head_dim wider than the pad is
+  refused."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import attention  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(attention, 'flash_attention', functools.partial(
+      attention.flash_attention, interpret=True))
+  shape = attention.shape_named('b1_s128_h2_d80')
+  assert attention.check(shape, True, impl) < 1e-2
+  q = jnp.zeros((1, 128, 2, 160), jnp.bfloat16)
+  with pytest.raises(ValueError, match=f'{impl}: head_dim 160'):
+    attention.attention_fn(impl, False)(q, q, q)
