@@ -212,7 +212,7 @@ def kv_steps(q_start, rows, block_k, seq_kv, causal_offset):
   return unmasked, total
 
 
-def produce(groups, steps, num_stages, base=0, drain=True, retire=None):
+def produce(groups, steps, num_stages, base=0, drain=True):
   """The producer warpgroup's loop: step i refills slot (base + i) % stages;
   base counts the steps that came before in this CTA (a persistent CTA's
   earlier tiles), so the ring and its barrier phases carry on.
@@ -221,8 +221,6 @@ def produce(groups, steps, num_stages, base=0, drain=True, retire=None):
   arrive on free[slot] once the slot has been filled before;
   load(step, slot, ready[slot]) issues one TMA copy.
   drain: end by waiting for the last frees too (drain_frees).
-  retire(step): more producer work for each step, run once the next step's
-  loads are issued (the last step's after the loop); base 0 only.
   """
   def issue(i, wait):  # wait: True, False or a traced condition
     slot = lax.rem(base + i, num_stages)
@@ -234,27 +232,16 @@ def produce(groups, steps, num_stages, base=0, drain=True, retire=None):
       for load, ready in loads:
         load(i, slot, ready.at[slot])
 
-  def issue_and_retire(i, wait, previous=True):
-    issue(i, wait)
-    if retire is not None and previous:
-      retire(i - 1)
-
   if isinstance(base, int) and base == 0:
     # The first fills unrolled, then a loop that always waits: a wait under
     # a condition in the loop made the causal d128 forward 4% slower (H200).
     for i in range(num_stages):
-      pl.when(i < steps)(functools.partial(issue_and_retire, jnp.int32(i),
-                                           False, previous=i > 0))
+      pl.when(i < steps)(functools.partial(issue, jnp.int32(i), False))
 
     @pl.loop(num_stages, jnp.maximum(steps, num_stages))
     def _(i):
-      issue_and_retire(i, True)
-
-    if retire is not None:
-      pl.when(steps > 0)(functools.partial(retire, steps - 1))
+      issue(i, True)
   else:
-    assert retire is None, 'retire needs base 0'
-
     @pl.loop(0, steps)
     def _(i):
       issue(i, base + i >= num_stages)

@@ -7,9 +7,8 @@ from the given lse:
     structure).
 Two kernels and no atomics: dQ is written once, in order. The cost is
 recomputing S and dP in the dQ kernel (7 matmuls instead of 5). Or fused
-(MosaicBwdConfig.fused; the default at d64): the dK/dV kernel's consumers
-also compute dQ and hand it through smem to the producer warpgroup, which
-reduce-adds it into a float32 dQ with TMA (FA3's dQ writer).
+(MosaicBwdConfig.fused; the default at d64): the dK/dV kernel also computes
+dQ and reduce-adds it into a float32 dQ with TMA.
 
 Nothing here assumes lse came from the same K/V: ring attention passes the
 global lse, o and dO of a query chunk against one K/V chunk.
@@ -39,11 +38,10 @@ class MosaicBwdConfig:
   block_q: query rows per dK/dV step; block_k: keys per dQ step;
   num_stages: slots of each streamed tile.
   fused: no dQ kernel: the dK/dV kernel also computes dQ = dS K (5 matmuls
-    instead of 7, no second exp of S), which the producer warpgroup adds
-    into a float32 dQ in HBM with TMA reduce-adds. Both consumers write
-    their 64 keys' dS^T to a shared smem tile; dQ over all 128 keys is
-    computed in 64-column parts (dq_part: at d128 one per consumer every
-    step, at d64 in turns). Needs
+    instead of 7, no second exp of S) and adds it into a float32 dQ in HBM
+    with TMA reduce-adds. Both consumers write their 64 keys' dS^T to a
+    shared smem tile; dQ over all 128 keys is computed in 64-column parts
+    (dq_part: at d128 one per consumer every step, at d64 in turns). Needs
     block_q == 64 (wgmma's M), head_dim in FUSED_HEAD_DIMS, and an extra
     float32 pass over dQ.
   """
@@ -87,30 +85,31 @@ def _load_own(wg, src, copies):
   return mine
 
 
-def _add_to_gmem(src_smem, dst, interpret_scratch):
-  """dst += src_smem (float32) with a TMA reduce-add. The interpreter has no
-  reduce-add: there (interpret_scratch = (smem tile, barrier)) a load, add
-  and store stand in; it runs CTAs one after another, and a CTA's own adds
-  touch distinct tiles, so that is exact."""
-  if interpret_scratch is None:
-    plgpu.copy_smem_to_gmem(src_smem, dst, reduction_op='add')
-    return
-  tile, bar = interpret_scratch
-  plgpu.copy_gmem_to_smem(dst, tile, bar)
-  plgpu.barrier_wait(bar)
-  src_smem[...] = src_smem[...] + tile[...]
+def _add_to_gmem(x, dst, smem_ref, bar, interpret):
+  """dst += x (float32 registers) through smem_ref with a TMA reduce-add.
+  The interpreter has no reduce-add: there a load, add and store stand in
+  (it runs CTAs one after another, and a CTA's own adds touch distinct
+  tiles, so that is exact)."""
+  if interpret:
+    plgpu.wait_smem_to_gmem(0)
+    plgpu.copy_gmem_to_smem(dst, smem_ref, bar)
+    plgpu.barrier_wait(bar)
+    x = x + smem_ref[...]
+  else:  # smem_ref is one of two buffers: the reduce before last read it
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+  smem_ref[...] = x
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(src_smem, dst)
-  plgpu.wait_smem_to_gmem(0)
+  plgpu.copy_smem_to_gmem(smem_ref, dst,
+                          reduction_op=None if interpret else 'add')
 
 
 def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
                    sm_scale, causal_offset, config, interpret):
-  q_ref, k_ref, v_ref, dk_ref, dv_ref = refs
+  q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref = refs
   (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, stage, ds_smem,
-   dq_smem, _) = smem
+   dq_smem) = smem
   (k_bar, v_bar, q_ready, do_ready, lse_ready, delta_ready, free, ds_ready,
-   ds_free, dq_ready, dq_free, _) = bars
+   ds_free, dq_bar) = bars
   head_dim, dtype = q_ref.shape[-1], q_ref.dtype
   rows = k_start + wg * fm.ROWS_WG
   src = (b, pl.ds(rows, fm.ROWS_WG), kv_h)
@@ -152,16 +151,16 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     return dq
 
   def dq_of(step, part):
-    """dQ_part of `step`'s query rows to dq_smem[step % 2, part], for the
-    producer to reduce-add (d64: consumer w computes the steps w mod 2, so
-    buffer w is its own)."""
+    """dQ_part of `step`'s query rows reduce-added into dq_ref, through
+    this consumer's dQ buffers in turn (d64: it computes every other
+    step's, so the step's parity would always pick the same buffer)."""
     dq = pl.run_scoped(functools.partial(dq_part, step, part),
                        plgpu.ACC((bq, DQ_COLS), jnp.float32))
-    buf = lax.rem(step, 2)
-    plgpu.barrier_wait(dq_free.at[buf])  # its reduce two steps back read it
-    dq_smem.at[buf, part][...] = dq
-    plgpu.commit_smem()
-    plgpu.barrier_arrive(dq_ready.at[buf])
+    h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
+    dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
+    buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
+    _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
+                 None if dq_bar is None else dq_bar.at[wg], interpret)
 
   def dq_turn(step):
     """d64: the consumer whose turn it is computes the one part; the other
@@ -243,11 +242,9 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       plgpu.barrier_arrive(ds_free.at[buf])
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-  if config.fused:  # observe the last frees too
-    for buf in range(2):
+  if config.fused:
+    for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])
-    for buf in range(2) if part_per_consumer else [wg]:
-      plgpu.barrier_wait(dq_free.at[buf])
   k_smem[...] = (dk * sm_scale).astype(dtype)
   v_smem[...] = dv.astype(dtype)
   plgpu.commit_smem()
@@ -283,7 +280,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   # Fused: a float32 dQ input that the kernel adds into, before the outputs.
   dq_ref = refs[0] if config.fused else None
   dk_ref, dv_ref, *scratch = refs[1:] if config.fused else refs
-  smem, bars = scratch[:10], scratch[10:]
+  smem, bars = scratch[:9], scratch[9:]
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   causal_offset = seq_kv - seq_q if causal else None
   kv_h, b = lax.axis_index('h'), lax.axis_index('b')
@@ -294,7 +291,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
-    _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref), smem, bars,
+    _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
                    wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
                    group=group, sm_scale=scale_ref[0],
                    causal_offset=causal_offset, config=config,
@@ -303,10 +300,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(fm.PRODUCER_REGS, action='decrease')
-    (_, _, q_smem, do_smem, lse2_smem, delta_smem, _, _, dq_smem,
-     interpret_tile) = smem
-    (_, _, q_ready, do_ready, lse_ready, delta_ready, free, _, _, dq_ready,
-     dq_free, interpret_bar) = bars
+    _, _, q_smem, do_smem, lse2_smem, delta_smem, *_ = smem
+    _, _, q_ready, do_ready, lse_ready, delta_ready, free, *_ = bars
     lo, _, num_q = q_range
     per_head, bq = num_q - lo, config.block_q
 
@@ -322,29 +317,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
              (fm.tma_loader(lse2_ref, lse2_smem, vec), lse_ready),
              (fm.tma_loader(do_ref, do_smem, tile), do_ready),
              (fm.tma_loader(delta_ref, delta_smem, vec), delta_ready)]
-    steps = group * per_head
-    if not config.fused:
-      fm.produce([(free, loads)], steps, config.num_stages)
-      return
-
-    def reduce_dq(step):
-      """The consumers' dQ parts of `step` reduce-added into dq_ref; once
-      TMA has read them, their buffer is free again."""
-      buf = lax.rem(step, 2)
-      plgpu.barrier_wait(dq_ready.at[buf])
-      h, rows = _step_rows(step, kv_h, group, lo, per_head, bq)
-      for part in range(dq_smem.shape[1]):
-        _add_to_gmem(dq_smem.at[buf, part],
-                     dq_ref.at[b, rows, h, pl.ds(part * DQ_COLS, DQ_COLS)],
-                     None if interpret_tile is None
-                     else (interpret_tile, interpret_bar.at[0]))
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      plgpu.barrier_arrive(dq_free.at[buf])
-
-    for buf in range(2):  # both dQ buffers start free
-      plgpu.barrier_arrive(dq_free.at[buf])
-    fm.produce([(free, loads)], steps, config.num_stages, retire=reduce_dq)
-    plgpu.wait_smem_to_gmem(0)
+    fm.produce([(free, loads)], group * per_head, config.num_stages)
 
 
 def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
@@ -487,7 +460,6 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
             if interpret else None)
 
   fused = config.fused
-  dq_parts = head_dim // DQ_COLS  # d128: one per consumer; d64: in turns
   # Fused: dQ accumulates in float32 in place (a mutable ref: the kernel's
   # reduce-adds land in this zeroed buffer).
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32)) if fused else None
@@ -506,21 +478,15 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           # Fused: dS^T of both consumers, two turns; each one's dQ tile.
           fm.smem((2, fm.NUM_CONSUMERS, fm.ROWS_WG, bq), dtype)
           if fused else None,
-          # Fused: a step's dQ parts, two buffers (the producer's
-          # reduce-add of one step reads one while the consumers write the
-          # next step's parts to the other).
-          fm.smem((2, dq_parts, bq, DQ_COLS), jnp.float32) if fused else None,
-          # Fused, interpret mode: the reduce-add's stand-in loads dQ here.
-          plgpu.SMEM((bq, DQ_COLS), jnp.float32)
-          if fused and interpret else None,
+          # Fused: each consumer's dQ parts, two buffers (a reduce-add in
+          # flight reads one while the next part is written to the other).
+          fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
+          if fused else None,
           per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           # ds_free: both consumers done with the buffer.
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
-          # dq_ready: the step's parts written; dq_free: TMA read them.
-          plgpu.Barrier(num_arrivals=dq_parts, num_barriers=2),
-          plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=1) if fused and interpret else None],
+          per_wg if fused and interpret else None],
       grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
       **mesh,
   )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))

@@ -193,19 +193,23 @@ def test_fwd_interpret_no_races(config):
 @pytest.mark.parametrize('head_dim,config', [
     (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True))],
                          ids=['d64', 'd128', 'd64_s3'])
-def test_fused_bwd_interpret_no_races(head_dim, config):
-  """The race detector over the fused backward's exchanges: each consumer
+def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
+  """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
   in turns; also with 3 stages at d64), two buffers guarded by
-  ds_ready / ds_free; the step's dQ parts go to the producer, which
-  reduce-adds them, through two buffers guarded by dq_ready / dq_free."""
+  ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
+  no TMA reduce-add, and its stand-in (load, add, store; exact as CTAs run
+  one after another) is seen racing with the same tile's add from another
+  CTA."""
   case = Case(1, 256, 256, 2, 1, head_dim, True)
   q, k, v, do, _, _ = _inputs(case, jax.random.PRNGKey(7))
   o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
   jax.block_until_ready(flash_mosaic_vjp.flash_bwd(
       q, k, v, o, lse, do.astype(q.dtype), None, sm_scale=0.125, causal=True,
       config=config, interpret=plgpu.InterpretGPUParams(detect_races=True)))
-  assert not gpu_callbacks.get_races().races_found
+  accesses = [line for line in capsys.readouterr().out.splitlines()
+              if line.strip().startswith(('read of', 'write of'))]
+  assert all(line.endswith('(_add_to_gmem)') for line in accesses), accesses
 
 
 def test_api_interpret_with_grads():
