@@ -89,14 +89,17 @@ class MosaicConfig:
       8-13% at d96 s1024, elsewhere 1-7% or a tie; d96 s4096 non-causal
       1.4% more); above, as d128 (at 16384 keys 12-13% less time causal,
       4.4% d96 non-causal; d80 non-causal 2% more, within run spread).
-    - d128: overlap, persistent up to 512 keys (at 1024 keys it lost 8-14%;
-      at 2048 causal 4%)."""
+    - d128: overlap, persistent up to 512 keys (causal at 1024-4096 keys
+      persistent took 12-15% more); without the mask from 1024 to 2048 keys
+      ping-pong persistent (2026-12-03: 7% less time at 1024, 2% at 2048;
+      at 4096 2% more)."""
     if head_dim <= 64:  # a 256-key block only without the mask
       persistent = not causal or seq_kv <= 4096
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
       return cls(128, 3, pingpong=True, persistent=persistent)
-    if head_dim < 128 and seq_kv <= 8192:
+    if (head_dim < 128 and seq_kv <= 8192 or
+        not causal and 512 < seq_kv <= 2048):
       return cls(128, 2, pingpong=True, persistent=True)
     # Shared memory (bf16): Q/O 128 x d (persistent: twice), plus stages x 2
     # x block_k x d for K and V: d128 with 3 stages takes 224.6 KiB of the
