@@ -27,6 +27,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
@@ -70,12 +71,16 @@ class MosaicConfig:
     each consumer loads its next Q during the current tile (two Q/O
     buffers) and stores O without waiting, so a short tile's prologue and
     epilogue overlap its neighbours' work. Otherwise one CTA per tile.
+  packed_exp: P = exp2(S - m) computed on pairs of 16-bit floats (one
+    instruction for two scores, and no float32 -> 16-bit conversion of P:
+    the exponent is converted instead), the row sums from that P.
   """
   block_k: int = 128
   num_stages: int = 2
   pingpong: bool = False
   overlap: bool = False
   persistent: bool = False
+  packed_exp: bool = False
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
@@ -228,12 +233,14 @@ def produce(groups, steps, num_stages, base=0, drain=True):
   def issue(i, wait):  # wait: True, False or a traced condition
     slot = lax.rem(base + i, num_stages)
     for free, loads in groups:
-      if wait is True:
-        plgpu.barrier_wait(free.at[slot])
-      elif wait is not False:
-        pl.when(wait)(functools.partial(plgpu.barrier_wait, free.at[slot]))
-      for load, ready in loads:
-        load(i, slot, ready.at[slot])
+      with jax.named_scope('wait_free'):
+        if wait is True:
+          plgpu.barrier_wait(free.at[slot])
+        elif wait is not False:
+          pl.when(wait)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+      with jax.named_scope('load'):
+        for load, ready in loads:
+          load(i, slot, ready.at[slot])
 
   if isinstance(base, int) and base == 0:
     # The first fills unrolled, then a loop that always waits: a wait under
@@ -282,17 +289,49 @@ def stage_lhs(x, stage_ref):
   return stage_ref
 
 
-def _softmax_step(s, m, l, *, scale, mask):
-  """One online-softmax step on raw scores s: (p, m, l, alpha), m in the
-  log2 domain; mask: None or the [rows, keys] visibility."""
+# exp2 of packed pairs of 16-bit floats (PTX, sm_90): one instruction for
+# two scores.
+PACKED_EXP2 = {jnp.dtype(jnp.bfloat16): 'ex2.approx.ftz.bf16',
+               jnp.dtype(jnp.float16): 'ex2.approx.f16'}
+
+
+def packed_exp2(x, interpret):
+  """exp2 of a 16-bit WGMMA-layout array, two elements an instruction. The
+  interpreter cannot run PTX: there float32 exp2 rounded to x's dtype."""
+  if interpret:
+    return jnp.exp2(x.astype(jnp.float32)).astype(x.dtype)
+  single = PACKED_EXP2[jnp.dtype(x.dtype)]
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA,),
+      return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype,
+                                         layout=plgpu.Layout.WGMMA))
+  def exp2(_, x_fa):
+    return x_fa._pointwise(  # pylint: disable=protected-access
+        mgpu.FragmentedArray._lift_fast_packed_instr(  # pylint: disable=protected-access
+            single + 'x2', single))
+  return exp2(x)
+
+
+def _softmax_step(s, m, l, *, scale, mask, dtype, packed, interpret):
+  """One online-softmax step on raw scores s: (p in dtype, m, l, alpha), m
+  in the log2 domain; mask: None or the [rows, keys] visibility. packed: the
+  exponent is rounded to dtype and exponentiated in pairs (packed_exp2), and
+  l sums the rounded p that P V uses."""
   if mask is not None:
     s = jnp.where(mask, s, NEG_INF)
   m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
   # A row that has seen no key yet keeps m = -inf: exponents must not be NaN.
   m_use = m_new if mask is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
-  p = jnp.exp2(s * scale - rows_col(m_use, s.shape))
+  x = s * scale - rows_col(m_use, s.shape)
   alpha = jnp.exp2(m - m_use)
-  return p, m_new, l * alpha + jnp.sum(p, axis=1), alpha
+  if packed:
+    p = packed_exp2(x.astype(dtype), interpret)
+    row_sum = jnp.sum(p.astype(jnp.float32), axis=1)
+  else:
+    p32 = jnp.exp2(x)
+    p, row_sum = p32.astype(dtype), jnp.sum(p32, axis=1)
+  return p, m_new, l * alpha + row_sum, alpha
 
 
 def fwd_tile(t, num_q, heads, batch, causal):
@@ -323,6 +362,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
   scale = sm_scale * LOG2E
   s_shape = (ROWS_WG, block_k)
   o_shape = (ROWS_WG, head_dim)
+  softmax = functools.partial(_softmax_step, scale=scale, dtype=dtype,
+                              packed=config.packed_exp, interpret=interpret)
 
   def my_rows(i):  # of query block i
     return pl.ds(i * BLOCK_Q + wg * ROWS_WG, ROWS_WG)
@@ -342,8 +383,9 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     # Both consumers arrive, then wait: with warpgroup 1 one meeting behind,
     # their wgmmas and softmaxes alternate.
     if config.pingpong:
-      plgpu.barrier_arrive(turn)
-      plgpu.barrier_wait(turn)
+      with jax.named_scope('meet'):
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
 
   def run_tile(n, base):
     """Tile n; its step j uses K/V slot (base + j) % stages. Returns base
@@ -375,18 +417,23 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     def body(masked, j, carry):
       acc, m, l = carry
       slot = lax.rem(base + j, num_stages)
-      plgpu.barrier_wait(k_ready.at[slot])
-      s = mma(q_smem, k_smem.at[slot].T, s_shape,
-              after_issue=functools.partial(after_issue, j))
+      with jax.named_scope('wait_k'):
+        plgpu.barrier_wait(k_ready.at[slot])
+      with jax.named_scope('qk'):
+        s = mma(q_smem, k_smem.at[slot].T, s_shape,
+                after_issue=functools.partial(after_issue, j))
       plgpu.barrier_arrive(k_free.at[slot])
-      p, m, l, alpha = _softmax_step(s, m, l, scale=scale,
-                                     mask=mask(masked, j))
+      with jax.named_scope('softmax'):
+        p, m, l, alpha = softmax(s, m, l, mask=mask(masked, j))
       meet()
-      p = stage_lhs(p.astype(dtype), p_smem)
-      plgpu.barrier_wait(v_ready.at[slot])
-      pv = mma(p, v_smem.at[slot], o_shape)
+      p = stage_lhs(p, p_smem)
+      with jax.named_scope('wait_v'):
+        plgpu.barrier_wait(v_ready.at[slot])
+      with jax.named_scope('pv'):
+        pv = mma(p, v_smem.at[slot], o_shape)
       plgpu.barrier_arrive(v_free.at[slot])
-      return acc * rows_col(alpha, acc.shape) + pv, m, l
+      with jax.named_scope('rescale'):
+        return acc * rows_col(alpha, acc.shape) + pv, m, l
 
     def first(masked):
       """Overlap: S_0 and its softmax; O starts at 0."""
@@ -395,30 +442,34 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       s = mma(q_smem, k_smem.at[slot].T, s_shape,
               after_issue=functools.partial(after_issue, 0))
       plgpu.barrier_arrive(k_free.at[slot])
-      p, m, l, _ = _softmax_step(s, wgmma_rows(ROWS_WG, NEG_INF),
-                                 wgmma_rows(ROWS_WG, 0.0), scale=scale,
-                                 mask=mask(masked, 0))
+      p, m, l, _ = softmax(s, wgmma_rows(ROWS_WG, NEG_INF),
+                           wgmma_rows(ROWS_WG, 0.0), mask=mask(masked, 0))
       meet()
-      return wgmma_full(o_shape, 0.0), m, l, p.astype(dtype)
+      return wgmma_full(o_shape, 0.0), m, l, p
 
     def overlapped(masked, j, carry):
       """Overlap, step j >= 1: S_j and P_{j-1} V_{j-1} in flight together."""
       acc, m, l, p_prev = carry
       slot = lax.rem(base + j, num_stages)
       prev = lax.rem(base + j - 1, num_stages)
-      plgpu.barrier_wait(k_ready.at[slot])
-      plgpu.barrier_wait(v_ready.at[prev])
+      with jax.named_scope('wait_kv'):
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[prev])
 
       def scope(s_ref, o_ref):
-        seed_acc(o_ref, acc, interpret)
-        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
-        plgpu.wgmma(o_ref, stage_lhs(p_prev, p_smem), v_smem.at[prev])
+        with jax.named_scope('issue'):
+          seed_acc(o_ref, acc, interpret)
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+          plgpu.wgmma(o_ref, stage_lhs(p_prev, p_smem), v_smem.at[prev])
         meet()
-        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j only
+        with jax.named_scope('wait_s'):
+          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j only
         plgpu.barrier_arrive(k_free.at[slot])
-        p, m_new, l_new, alpha = _softmax_step(s, m, l, scale=scale,
-                                               mask=mask(masked, j))
-        return read_acc(o_ref, acc, interpret), p, m_new, l_new, alpha
+        with jax.named_scope('softmax'):
+          p, m_new, l_new, alpha = softmax(s, m, l, mask=mask(masked, j))
+        with jax.named_scope('wait_pv'):
+          o = read_acc(o_ref, acc, interpret)
+        return o, p, m_new, l_new, alpha
 
       o, p, m, l, alpha = pl.run_scoped(scope,
                                         plgpu.ACC(s_shape, jnp.float32),
@@ -426,7 +477,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       plgpu.barrier_arrive(v_free.at[prev])
       meet()
       # o holds P_{j-1} V_{j-1}, taken against m_{j-1}: rescale to m_j.
-      return o * rows_col(alpha, o.shape), m, l, p.astype(dtype)
+      with jax.named_scope('rescale'):
+        return o * rows_col(alpha, o.shape), m, l, p
 
     def last(carry):
       """Overlap: O += P V of the last step."""
@@ -447,7 +499,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     causal = causal_offset is not None
     init = (wgmma_full(o_shape, 0.0), wgmma_rows(ROWS_WG, NEG_INF),
             wgmma_rows(ROWS_WG, 0.0))
-    plgpu.barrier_wait(q_ready(buf))
+    with jax.named_scope('wait_q'):
+      plgpu.barrier_wait(q_ready(buf))
     pl.when(wg == 1)(meet)
     if config.overlap:
       # Both consumers share `total`, so they skip (no keys at all) together.
@@ -468,15 +521,17 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     if config.persistent:
       pl.when(total == 0)(prefetch)
     pl.when(wg == 0)(meet)
-    # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    q_smem[...] = (acc * rows_col(1.0 / l_safe, acc.shape)).astype(dtype)
-    lse_smem.at[buf, wg][...] = jnp.where(empty, NEG_INF,
-                                          m * LN2 + jnp.log(l_safe))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, my_rows(i), h])
-    plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg], lse_ref.at[b, h, my_rows(i)])
+    with jax.named_scope('epilogue'):
+      # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
+      empty = l == 0.0
+      l_safe = jnp.where(empty, 1.0, l)
+      q_smem[...] = (acc * rows_col(1.0 / l_safe, acc.shape)).astype(dtype)
+      lse_smem.at[buf, wg][...] = jnp.where(empty, NEG_INF,
+                                            m * LN2 + jnp.log(l_safe))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, my_rows(i), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg],
+                              lse_ref.at[b, h, my_rows(i)])
     return base + total
 
   load_q(0)

@@ -195,30 +195,41 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     dk, dv = carry
     step = g * per_head + i - lo
     slot = lax.rem(step, stages)
-    plgpu.barrier_wait(q_ready.at[slot])
-    plgpu.barrier_wait(do_ready.at[slot])
+    with jax.named_scope('wait_q'):
+      plgpu.barrier_wait(q_ready.at[slot])
+      plgpu.barrier_wait(do_ready.at[slot])
 
     def scope(s_ref, dp_ref, dv_ref, dk_ref):
-      plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
-      plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
-      p_t = scores(masked, i, slot,
-                   plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
-      p16_t = p_t.astype(dtype)
-      fm.seed_acc(dv_ref, dv, interpret)
-      plgpu.wgmma(dv_ref, fm.stage_lhs(p16_t, stage), do_smem.at[slot])
-      dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
+      with jax.named_scope('issue_s_dp'):
+        plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
+        plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
+      with jax.named_scope('wait_s'):
+        s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+      with jax.named_scope('p'):
+        p_t = scores(masked, i, slot, s_t)
+        p16_t = p_t.astype(dtype)
+      with jax.named_scope('issue_dv'):
+        fm.seed_acc(dv_ref, dv, interpret)
+        plgpu.wgmma(dv_ref, fm.stage_lhs(p16_t, stage), do_smem.at[slot])
+      with jax.named_scope('wait_dp'):
+        dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
       # With dQ in the step, dS from the bf16 P: the float32 P then dies
       # before dS is built (without this, ptxas spilled at d128).
-      ds_t = grad_scores(slot, p16_t.astype(jnp.float32)
-                         if part_per_consumer else p_t, dp_t)
+      with jax.named_scope('ds'):
+        ds_t = grad_scores(slot, p16_t.astype(jnp.float32)
+                           if part_per_consumer else p_t, dp_t)
       if config.fused:
-        share_ds(step, ds_t)
-      fm.seed_acc(dk_ref, dk, interpret)
-      plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
+        with jax.named_scope('share_ds'):
+          share_ds(step, ds_t)
+      with jax.named_scope('issue_dk'):
+        fm.seed_acc(dk_ref, dk, interpret)
+        plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
       if part_per_consumer:
-        dq_of(step, wg)
-      return (fm.read_acc(dk_ref, dk, interpret),
-              fm.read_acc(dv_ref, dv, interpret))
+        with jax.named_scope('dq'):
+          dq_of(step, wg)
+      with jax.named_scope('wait_dk_dv'):
+        return (fm.read_acc(dk_ref, dk, interpret),
+                fm.read_acc(dv_ref, dv, interpret))
 
     o_shape = (fm.ROWS_WG, head_dim)
     dk, dv = pl.run_scoped(
@@ -227,7 +238,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
         plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
     if config.fused and not part_per_consumer:
-      dq_turn(step)
+      with jax.named_scope('dq'):
+        dq_turn(step)
     return dk, dv
 
   def head(g, carry):
@@ -349,19 +361,28 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
     """S and dP issued back to back, P computed while dP runs; dQ
     accumulates in place."""
     slot = lax.rem(j, num_stages)
-    plgpu.barrier_wait(k_ready.at[slot])
-    plgpu.barrier_wait(v_ready.at[slot])
+    with jax.named_scope('wait_kv'):
+      plgpu.barrier_wait(k_ready.at[slot])
+      plgpu.barrier_wait(v_ready.at[slot])
 
     def scope(s_ref, dp_ref, acc_ref):
-      plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
-      plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].T)
-      p = probs(masked, j, plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
-      dp = plgpu.wgmma_accumulator_load(dp_ref)
+      with jax.named_scope('issue_s_dp'):
+        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+        plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].T)
+      with jax.named_scope('wait_s'):
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+      with jax.named_scope('p'):
+        p = probs(masked, j, s)
+      with jax.named_scope('wait_dp'):
+        dp = plgpu.wgmma_accumulator_load(dp_ref)
       plgpu.barrier_arrive(v_free.at[slot])
-      fm.seed_acc(acc_ref, dq, interpret)
-      plgpu.wgmma(acc_ref, fm.stage_lhs((p * (dp - delta)).astype(dtype),
-                                        stage), k_smem.at[slot])
-      return fm.read_acc(acc_ref, dq, interpret)
+      with jax.named_scope('ds'):
+        ds = (p * (dp - delta)).astype(dtype)
+      with jax.named_scope('issue_dq'):
+        fm.seed_acc(acc_ref, dq, interpret)
+        plgpu.wgmma(acc_ref, fm.stage_lhs(ds, stage), k_smem.at[slot])
+      with jax.named_scope('wait_dq'):
+        return fm.read_acc(acc_ref, dq, interpret)
 
     dq = pl.run_scoped(scope, plgpu.ACC(s_shape, jnp.float32),
                        plgpu.ACC(s_shape, jnp.float32),
