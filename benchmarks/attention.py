@@ -281,14 +281,10 @@ def mosaic_variants(head_dim):
           if head_dim <= 64 else
            # Above d64 a third stage (fits at d128 only without persistence).
            [MosaicConfig(128, 3, overlap=True)])
-  # exp2 on 16-bit pairs, on the schedules the defaults use.
-  packed = ([MosaicConfig(256, 2, pingpong=True, persistent=True),
-             dataclasses.replace(base, pingpong=True),
-             dataclasses.replace(base, pingpong=True, persistent=True)]
-            if head_dim <= 64 else
-            [MosaicConfig(128, 2, overlap=True),
-             MosaicConfig(128, 2, pingpong=True, persistent=True)])
-  fwd += [dataclasses.replace(c, packed_exp=True) for c in packed]
+  # Overlap with the consumers out of phase (every head_dim: the d ≥ 80
+  # defaults at long sequences, and against d64's ping-pong).
+  fwd += [MosaicConfig(128, 2, overlap=True, stagger=True),
+          MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True)]
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
@@ -307,7 +303,7 @@ def describe_mosaic(part, tuning):
             f'{" pingpong" if c.pingpong else ""}'
             f'{" overlap" if c.overlap else ""}'
             f'{" persistent" if c.persistent else ""}'
-            f'{" packed" if c.packed_exp else ""}')
+            f'{" stagger" if c.stagger else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}')

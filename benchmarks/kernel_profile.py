@@ -12,8 +12,8 @@ slower than an unprofiled one: shares, not timings.
   python benchmarks/kernel_profile.py --shape s2048_d64 --part fwd
   python benchmarks/kernel_profile.py --shape s8192_d128 --part bwd \\
       --variant 'bwd q64 k128 s2' --causal --out /tmp/prof
-Writes <out>/profile_<shape>_<part>.json: the summaries (the raw traces,
-Perfetto's format, stay in <out>/traces).
+Writes <out>/profile_<shape>[_causal]_<variant>.json: the summaries (the
+raw traces, Perfetto's format, stay in <out>/traces/).
 """
 import argparse
 import collections
@@ -98,7 +98,7 @@ def timeline(trace, events_per_wg=40):
     role = ROLES[(tid - 1) % len(ROLES)]
     rows += [(e['ts'], role, e['ph'], e['name'])
              for e in by_tid.get(tid, [])[:events_per_wg]]
-  rows.sort()
+  rows.sort(key=lambda row: row[0])  # stable: nested edges keep their order
   t0 = rows[0][0] if rows else 0
   return [(round((t - t0) * 1e3), role, ph, name) for t, role, ph, name in rows]
 
@@ -154,7 +154,9 @@ def main():
   args = parser.parse_args()
   shape = bench.shape_named(args.shape)
   tuning = variant_tuning(shape, args.part, args.variant)
-  name = f'profile_{shape.name}{"_causal" if args.causal else ""}_{args.part}'
+  variant = (args.variant or 'default').replace(' ', '_')
+  name = (f'profile_{shape.name}{"_causal" if args.causal else ""}_'
+          f'{variant}')
   trace_dir = os.path.join(args.out, 'traces', name)
   os.makedirs(trace_dir, exist_ok=True)
   for path in glob.glob(os.path.join(trace_dir, '*')):

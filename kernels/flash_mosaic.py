@@ -27,7 +27,6 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
@@ -71,16 +70,21 @@ class MosaicConfig:
     each consumer loads its next Q during the current tile (two Q/O
     buffers) and stores O without waiting, so a short tile's prologue and
     epilogue overlap its neighbours' work. Otherwise one CTA per tile.
-  packed_exp: P = exp2(S - m) computed on pairs of 16-bit floats (one
-    instruction for two scores, and no float32 -> 16-bit conversion of P:
-    the exponent is converted instead), the row sums from that P.
+  stagger: without ping-pong, warpgroup 1 starts each tile once warpgroup 0
+    has issued the tile's first wgmmas, and they meet no more: started in
+    phase, the two run their softmaxes at the same time, with the tensor
+    cores idle (kernel_profile.py), and stay in phase.
   """
+
+  def __post_init__(self):
+    if self.stagger and self.pingpong:
+      raise ValueError('stagger is for schedules without pingpong')
   block_k: int = 128
   num_stages: int = 2
   pingpong: bool = False
   overlap: bool = False
   persistent: bool = False
-  packed_exp: bool = False
+  stagger: bool = False
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
@@ -289,49 +293,17 @@ def stage_lhs(x, stage_ref):
   return stage_ref
 
 
-# exp2 of packed pairs of 16-bit floats (PTX, sm_90): one instruction for
-# two scores.
-PACKED_EXP2 = {jnp.dtype(jnp.bfloat16): 'ex2.approx.ftz.bf16',
-               jnp.dtype(jnp.float16): 'ex2.approx.f16'}
-
-
-def packed_exp2(x, interpret):
-  """exp2 of a 16-bit WGMMA-layout array, two elements an instruction. The
-  interpreter cannot run PTX: there float32 exp2 rounded to x's dtype."""
-  if interpret:
-    return jnp.exp2(x.astype(jnp.float32)).astype(x.dtype)
-  single = PACKED_EXP2[jnp.dtype(x.dtype)]
-
-  @plgpu.inline_mgpu(
-      arg_types=(plgpu.Layout.WGMMA,),
-      return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype,
-                                         layout=plgpu.Layout.WGMMA))
-  def exp2(_, x_fa):
-    return x_fa._pointwise(  # pylint: disable=protected-access
-        mgpu.FragmentedArray._lift_fast_packed_instr(  # pylint: disable=protected-access
-            single + 'x2', single))
-  return exp2(x)
-
-
-def _softmax_step(s, m, l, *, scale, mask, dtype, packed, interpret):
+def _softmax_step(s, m, l, *, scale, mask, dtype):
   """One online-softmax step on raw scores s: (p in dtype, m, l, alpha), m
-  in the log2 domain; mask: None or the [rows, keys] visibility. packed: the
-  exponent is rounded to dtype and exponentiated in pairs (packed_exp2), and
-  l sums the rounded p that P V uses."""
+  in the log2 domain; mask: None or the [rows, keys] visibility."""
   if mask is not None:
     s = jnp.where(mask, s, NEG_INF)
   m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
   # A row that has seen no key yet keeps m = -inf: exponents must not be NaN.
   m_use = m_new if mask is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
-  x = s * scale - rows_col(m_use, s.shape)
+  p = jnp.exp2(s * scale - rows_col(m_use, s.shape))
   alpha = jnp.exp2(m - m_use)
-  if packed:
-    p = packed_exp2(x.astype(dtype), interpret)
-    row_sum = jnp.sum(p.astype(jnp.float32), axis=1)
-  else:
-    p32 = jnp.exp2(x)
-    p, row_sum = p32.astype(dtype), jnp.sum(p32, axis=1)
-  return p, m_new, l * alpha + row_sum, alpha
+  return p.astype(dtype), m_new, l * alpha + jnp.sum(p, axis=1), alpha
 
 
 def fwd_tile(t, num_q, heads, batch, causal):
@@ -362,8 +334,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
   scale = sm_scale * LOG2E
   s_shape = (ROWS_WG, block_k)
   o_shape = (ROWS_WG, head_dim)
-  softmax = functools.partial(_softmax_step, scale=scale, dtype=dtype,
-                              packed=config.packed_exp, interpret=interpret)
+  softmax = functools.partial(_softmax_step, scale=scale, dtype=dtype)
 
   def my_rows(i):  # of query block i
     return pl.ds(i * BLOCK_Q + wg * ROWS_WG, ROWS_WG)
@@ -379,10 +350,10 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     plgpu.copy_gmem_to_smem(q_ref.at[b, my_rows(i), h], qo_smem.at[buf, wg],
                             q_ready(buf))
 
-  def meet():
+  def meet(now=config.pingpong):
     # Both consumers arrive, then wait: with warpgroup 1 one meeting behind,
     # their wgmmas and softmaxes alternate.
-    if config.pingpong:
+    if now:
       with jax.named_scope('meet'):
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
@@ -407,6 +378,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     def after_issue(j):  # of step j's first wgmmas
       if config.persistent:
         pl.when(j == 0)(prefetch)
+      if config.stagger:
+        pl.when((j == 0) & (wg == 0))(functools.partial(meet, True))
       meet()
 
     def mask(masked, j):
@@ -502,6 +475,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     with jax.named_scope('wait_q'):
       plgpu.barrier_wait(q_ready(buf))
     pl.when(wg == 1)(meet)
+    if config.stagger:  # tiles without keys issue nothing: no meeting
+      pl.when((wg == 1) & (total > 0))(functools.partial(meet, True))
     if config.overlap:
       # Both consumers share `total`, so they skip (no keys at all) together.
       carry = lax.cond(total > 0, lambda: first(causal),

@@ -231,6 +231,42 @@ def test_ptxas_report_reads_spills_from_the_process_stdout():
       dict(spill_stores=0, spill_loads=0, stack=0, notes=[])]
 
 
+def test_kernel_profile_shares_exclude_nested_regions():
+  """kernel_profile.py's summary of a Mosaic profiler trace (ts in
+  kilo-clocks, tid 1 + warpgroup + 3 * CTA): per role, each region's time
+  less its nested regions, as a share of the warpgroup's span, averaged over
+  CTAs; 'other' is the rest."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import kernel_profile  # pylint: disable=g-import-not-at-top
+
+  def ranges(tid, *spans):
+    return [dict(tid=tid, ph=ph, name=name, ts=ts) for name, start, end in
+            spans for ph, ts in (('B', start), ('E', end))]
+
+  def nested(tid, outer, inner):  # inner inside outer, both from 0
+    return [dict(tid=tid, ph='B', name=outer[0], ts=0.0),
+            dict(tid=tid, ph='B', name=inner[0], ts=0.0),
+            dict(tid=tid, ph='E', name=inner[0], ts=inner[1]),
+            dict(tid=tid, ph='E', name=outer[0], ts=outer[1])]
+
+  events = (nested(1, ('qk', 0.5), ('meet', 0.2)) +
+            ranges(1, ('softmax', 0.6, 1.0)) +           # CTA 0, consumer 0
+            ranges(2, ('qk', 0.0, 1.0)) +                # consumer 1
+            ranges(3, ('load', 0.0, 0.2)) +              # producer
+            ranges(4, ('softmax', 0.0, 2.0)))            # CTA 1, consumer 0
+  summary = kernel_profile.summarize(dict(traceEvents=events))
+  consumer0 = summary['consumer 0']
+  assert consumer0['ctas'] == 2 and consumer0['span_clocks'] == 1500
+  assert consumer0['share'] == pytest.approx(
+      dict(softmax=0.7, qk=0.15, meet=0.1, other=0.05))
+  assert summary['consumer 1']['share'] == pytest.approx(dict(qk=1.0,
+                                                              other=0.0))
+  assert summary['producer']['span_clocks'] == pytest.approx(200)
+  assert kernel_profile.timeline(dict(traceEvents=events))[:3] == [
+      (0, 'consumer 0', 'B', 'qk'), (0, 'consumer 0', 'B', 'meet'),
+      (0, 'consumer 1', 'B', 'qk')]
+
+
 def test_attention_sweep_times_chosen_variants_in_rounds(monkeypatch):
   """--sweep_mosaic --variants --rounds (an A/B): only the named variants,
   each checked against the reference, then timed once a round in turn;
