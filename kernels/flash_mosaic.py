@@ -71,9 +71,9 @@ class MosaicConfig:
     buffers) and stores O without waiting, so a short tile's prologue and
     epilogue overlap its neighbours' work. Otherwise one CTA per tile.
   stagger: without ping-pong, warpgroup 1 starts each tile once warpgroup 0
-    has issued the tile's first wgmmas, and they meet no more: started in
-    phase, the two run their softmaxes at the same time, with the tensor
-    cores idle (kernel_profile.py), and stay in phase.
+    has issued the tile's first wgmmas, and they meet no more, so short
+    tiles do not begin with both softmaxes at once and the tensor cores
+    idle (kernels/NOTES.md: measured, not a default yet).
   """
 
   def __post_init__(self):
@@ -293,9 +293,9 @@ def stage_lhs(x, stage_ref):
   return stage_ref
 
 
-def _softmax_step(s, m, l, *, scale, mask, dtype):
-  """One online-softmax step on raw scores s: (p in dtype, m, l, alpha), m
-  in the log2 domain; mask: None or the [rows, keys] visibility."""
+def _softmax_step(s, m, l, *, scale, mask):
+  """One online-softmax step on raw scores s: (p, m, l, alpha), m in the
+  log2 domain; mask: None or the [rows, keys] visibility."""
   if mask is not None:
     s = jnp.where(mask, s, NEG_INF)
   m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
@@ -303,7 +303,7 @@ def _softmax_step(s, m, l, *, scale, mask, dtype):
   m_use = m_new if mask is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
   p = jnp.exp2(s * scale - rows_col(m_use, s.shape))
   alpha = jnp.exp2(m - m_use)
-  return p.astype(dtype), m_new, l * alpha + jnp.sum(p, axis=1), alpha
+  return p, m_new, l * alpha + jnp.sum(p, axis=1), alpha
 
 
 def fwd_tile(t, num_q, heads, batch, causal):
@@ -334,7 +334,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
   scale = sm_scale * LOG2E
   s_shape = (ROWS_WG, block_k)
   o_shape = (ROWS_WG, head_dim)
-  softmax = functools.partial(_softmax_step, scale=scale, dtype=dtype)
+  softmax = functools.partial(_softmax_step, scale=scale)
 
   def my_rows(i):  # of query block i
     return pl.ds(i * BLOCK_Q + wg * ROWS_WG, ROWS_WG)
@@ -399,7 +399,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       with jax.named_scope('softmax'):
         p, m, l, alpha = softmax(s, m, l, mask=mask(masked, j))
       meet()
-      p = stage_lhs(p, p_smem)
+      p = stage_lhs(p.astype(dtype), p_smem)
       with jax.named_scope('wait_v'):
         plgpu.barrier_wait(v_ready.at[slot])
       with jax.named_scope('pv'):
@@ -418,7 +418,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       p, m, l, _ = softmax(s, wgmma_rows(ROWS_WG, NEG_INF),
                            wgmma_rows(ROWS_WG, 0.0), mask=mask(masked, 0))
       meet()
-      return wgmma_full(o_shape, 0.0), m, l, p
+      return wgmma_full(o_shape, 0.0), m, l, p.astype(dtype)
 
     def overlapped(masked, j, carry):
       """Overlap, step j >= 1: S_j and P_{j-1} V_{j-1} in flight together."""
@@ -451,7 +451,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       meet()
       # o holds P_{j-1} V_{j-1}, taken against m_{j-1}: rescale to m_j.
       with jax.named_scope('rescale'):
-        return o * rows_col(alpha, o.shape), m, l, p
+        return o * rows_col(alpha, o.shape), m, l, p.astype(dtype)
 
     def last(carry):
       """Overlap: O += P V of the last step."""

@@ -376,10 +376,10 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
       with jax.named_scope('wait_dp'):
         dp = plgpu.wgmma_accumulator_load(dp_ref)
       plgpu.barrier_arrive(v_free.at[slot])
+      fm.seed_acc(acc_ref, dq, interpret)
       with jax.named_scope('ds'):
         ds = (p * (dp - delta)).astype(dtype)
       with jax.named_scope('issue_dq'):
-        fm.seed_acc(acc_ref, dq, interpret)
         plgpu.wgmma(acc_ref, fm.stage_lhs(ds, stage), k_smem.at[slot])
       with jax.named_scope('wait_dq'):
         return fm.read_acc(acc_ref, dq, interpret)
