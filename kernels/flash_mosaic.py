@@ -76,15 +76,16 @@ class MosaicConfig:
     idle (kernels/NOTES.md: measured, not a default yet).
   """
 
-  def __post_init__(self):
-    if self.stagger and self.pingpong:
-      raise ValueError('stagger is for schedules without pingpong')
   block_k: int = 128
   num_stages: int = 2
   pingpong: bool = False
   overlap: bool = False
   persistent: bool = False
   stagger: bool = False
+
+  def __post_init__(self):
+    if self.stagger and self.pingpong:
+      raise ValueError('stagger is for schedules without pingpong')
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):

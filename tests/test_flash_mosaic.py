@@ -365,6 +365,11 @@ def test_cross_warp_reduction_fails_to_lower():
     _lowered_for_sm90(cross_warp)
 
 
+def test_stagger_refuses_pingpong():
+  with pytest.raises(ValueError, match='stagger is for schedules without'):
+    MosaicConfig(pingpong=True, stagger=True)
+
+
 def test_fused_needs_head_dim_64_or_128():
   q = jax.ShapeDtypeStruct((1, 256, 2, 80), jnp.bfloat16)
   lse = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
