@@ -12,8 +12,9 @@ slower than an unprofiled one: shares, not timings.
   python benchmarks/kernel_profile.py --shape s2048_d64 --part fwd
   python benchmarks/kernel_profile.py --shape s8192_d128 --part bwd \\
       --variant 'bwd q64 k128 s2' --causal --out /tmp/prof
-Writes <out>/profile_<shape>[_causal]_<variant>.json: the summaries (the
-raw traces, Perfetto's format, stay in <out>/traces/).
+Writes <out>/profile_<shape>[_causal]_<variant, or fwd_default or
+bwd_default>.json: the summaries (the raw traces, Perfetto's format, stay in
+<out>/traces/).
 """
 import argparse
 import collections
@@ -32,8 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 import attention as bench
 from kernels import flash_mosaic
-from kernels.flash_attention import (MosaicTuning, flash_attention_bwd,
-                                     flash_attention_fwd)
+from kernels.flash_attention import flash_attention_bwd, flash_attention_fwd
 # pylint: enable=g-import-not-at-top
 
 ROLES = ('consumer 0', 'consumer 1', 'producer')
@@ -154,7 +154,8 @@ def main():
   args = parser.parse_args()
   shape = bench.shape_named(args.shape)
   tuning = variant_tuning(shape, args.part, args.variant)
-  variant = (args.variant or 'default').replace(' ', '_')
+  # Named variants start with their part; the defaults get it added.
+  variant = (args.variant or f'{args.part} default').replace(' ', '_')
   name = (f'profile_{shape.name}{"_causal" if args.causal else ""}_'
           f'{variant}')
   trace_dir = os.path.join(args.out, 'traces', name)
