@@ -285,7 +285,8 @@ def mosaic_variants(head_dim):
   # defaults at long sequences, and against d64's ping-pong).
   fwd += [MosaicConfig(128, 2, overlap=True, stagger=True),
           MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True)]
-  bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128)]
+  bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
+         MosaicBwdConfig(block_k=128, stagger=True)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
@@ -306,7 +307,7 @@ def describe_mosaic(part, tuning):
             f'{" stagger" if c.stagger else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
-          f'{" fused" if c.fused else ""}')
+          f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):

@@ -71,9 +71,8 @@ class MosaicConfig:
     buffers) and stores O without waiting, so a short tile's prologue and
     epilogue overlap its neighbours' work. Otherwise one CTA per tile.
   stagger: without ping-pong, warpgroup 1 starts each tile once warpgroup 0
-    has issued the tile's first wgmmas, and they meet no more, so short
-    tiles do not begin with both softmaxes at once and the tensor cores
-    idle (kernels/NOTES.md: measured, not a default yet).
+    has issued the tile's first wgmmas, and they meet no more, so tiles do
+    not begin with both softmaxes at once while the tensor cores idle.
   """
 
   block_k: int = 128
@@ -100,22 +99,25 @@ class MosaicConfig:
       1.4% more); above, as d128 (at 16384 keys 12-13% less time causal,
       4.4% d96 non-causal; d80 non-causal 2% more, within run spread).
     - d128: overlap, persistent up to 512 keys (causal at 1024-4096 keys
-      persistent took 12-15% more); without the mask from 1024 to 2048 keys
-      ping-pong persistent (2026-12-03: 7% less time at 1024, 2% at 2048;
-      at 4096 2% more)."""
+      persistent took 12-15% more). From 1024 keys staggered, without the
+      mask persistent up to 2048 keys (2026-12-03: causal 1.6-2.3% less
+      time than overlap at 2048-16384 keys; without the mask 2.7% less
+      than ping-pong persistent at 1024 keys, 4.5% at 2048, within 1% of
+      overlap above)."""
     if head_dim <= 64:  # a 256-key block only without the mask
       persistent = not causal or seq_kv <= 4096
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
       return cls(128, 3, pingpong=True, persistent=persistent)
-    if (head_dim < 128 and seq_kv <= 8192 or
-        not causal and 512 < seq_kv <= 2048):
+    if head_dim < 128 and seq_kv <= 8192:
       return cls(128, 2, pingpong=True, persistent=True)
     # Shared memory (bf16): Q/O 128 x d (persistent: twice), plus stages x 2
     # x block_k x d for K and V: d128 with 3 stages takes 224.6 KiB of the
     # 227 (persistent 256: past it).
-    return cls(block_k=128, num_stages=2, overlap=True,
-               persistent=seq_kv <= 512)
+    stagger = head_dim == 128 and seq_kv > 512
+    persistent = seq_kv <= 512 or stagger and not causal and seq_kv <= 2048
+    return cls(block_k=128, num_stages=2, overlap=True, persistent=persistent,
+               stagger=stagger)
 
 
 def unsupported(q, k, *, has_segments, block_k=MosaicConfig.block_k):
@@ -294,6 +296,13 @@ def stage_lhs(x, stage_ref):
   return stage_ref
 
 
+def meet_at(turn):
+  """Both consumers arrive on `turn`, then wait for each other."""
+  with jax.named_scope('meet'):
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+
 def _softmax_step(s, m, l, *, scale, mask):
   """One online-softmax step on raw scores s: (p, m, l, alpha), m in the
   log2 domain; mask: None or the [rows, keys] visibility."""
@@ -352,12 +361,10 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
                             q_ready(buf))
 
   def meet(now=config.pingpong):
-    # Both consumers arrive, then wait: with warpgroup 1 one meeting behind,
-    # their wgmmas and softmaxes alternate.
+    # With warpgroup 1 one meeting behind, their wgmmas and softmaxes
+    # alternate.
     if now:
-      with jax.named_scope('meet'):
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
+      meet_at(turn)
 
   def run_tile(n, base):
     """Tile n; its step j uses K/V slot (base + j) % stages. Returns base

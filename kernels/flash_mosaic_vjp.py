@@ -44,26 +44,33 @@ class MosaicBwdConfig:
     (dq_part: at d128 one per consumer every step, at d64 in turns). Needs
     block_q == 64 (wgmma's M), head_dim in FUSED_HEAD_DIMS, and an extra
     float32 pass over dQ.
+  stagger: two kernels, warpgroup 1 starts once warpgroup 0 has issued its
+    first step's wgmmas (as the forward's MosaicConfig.stagger), so their
+    exp2 and dS run while the other's matmuls do.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
+  stagger: bool = False
 
   @classmethod
   def default(cls, head_dim):
     """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-02): fused
     with 2 stages at d64 (3 stages spill since the dQ buffer race fix and
     lost up to 13% causal); at d128 the fused kernel (it spills) is 1.1x
-    slower than two kernels."""
+    slower than two kernels, which take 2-3.5% less time staggered
+    (2026-12-03)."""
     if head_dim <= 64:
       return cls(fused=True)
-    return cls(block_k=128)
+    return cls(block_k=128, stagger=True)
 
   def __post_init__(self):
     if self.fused and self.block_q != fm.ROWS_WG:
       raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
                        f'{self.block_q}')
+    if self.fused and self.stagger:  # dQ's dS exchange meets every step
+      raise ValueError('stagger is for the two-kernel backward')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -109,7 +116,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, stage, ds_smem,
    dq_smem) = smem
   (k_bar, v_bar, q_ready, do_ready, lse_ready, delta_ready, free, ds_ready,
-   ds_free, dq_bar) = bars
+   ds_free, dq_bar, turn) = bars
   head_dim, dtype = q_ref.shape[-1], q_ref.dtype
   rows = k_start + wg * fm.ROWS_WG
   src = (b, pl.ds(rows, fm.ROWS_WG), kv_h)
@@ -203,6 +210,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       with jax.named_scope('issue_s_dp'):
         plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
         plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
+      if config.stagger:
+        pl.when((step == 0) & (wg == 0))(functools.partial(fm.meet_at, turn))
       with jax.named_scope('wait_s'):
         s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
       with jax.named_scope('p'):
@@ -252,6 +261,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   if config.fused:  # both dS buffers start free
     for buf in range(2):
       plgpu.barrier_arrive(ds_free.at[buf])
+  if config.stagger:  # every dK/dV CTA has a step: its last key sees a query
+    pl.when(wg == 1)(functools.partial(fm.meet_at, turn))
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
   if config.fused:
@@ -333,10 +344,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
 
 
 def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
-                 causal_offset, block_k, num_stages, interpret):
+                 causal_offset, config, interpret):
   q_ref, do_ref, lse2_ref, delta_ref, dq_ref = refs
   q_smem, do_smem, k_smem, v_smem, stage = smem
-  q_bar, do_bar, k_ready, v_ready, k_free, v_free = bars
+  q_bar, do_bar, k_ready, v_ready, k_free, v_free, turn = bars
+  block_k, num_stages = config.block_k, config.num_stages
   head_dim, dtype = q_ref.shape[-1], q_ref.dtype
   scale = sm_scale * fm.LOG2E
   rows = q_start + wg * fm.ROWS_WG
@@ -369,6 +381,8 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
       with jax.named_scope('issue_s_dp'):
         plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
         plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].T)
+      if config.stagger:
+        pl.when((j == 0) & (wg == 0))(functools.partial(fm.meet_at, turn))
       with jax.named_scope('wait_s'):
         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
       with jax.named_scope('p'):
@@ -391,6 +405,8 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
     return dq
 
   unmasked, total = steps
+  if config.stagger:  # rows that see no key issue nothing: no meeting
+    pl.when((wg == 1) & (total > 0))(functools.partial(fm.meet_at, turn))
   dq = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
   dq = lax.fori_loop(0, unmasked, functools.partial(body, False), dq)
   if causal_offset is not None:
@@ -405,7 +421,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
                dq_ref, *scratch, causal, group, config, interpret):
   smem, bars = scratch[:5], scratch[5:]
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
-  block_k, num_stages = config.block_k, config.num_stages
+  block_k = config.block_k
   causal_offset = seq_kv - seq_q if causal else None
   h, b = lax.axis_index('h'), lax.axis_index('b')
   i = lax.axis_index('q')
@@ -421,19 +437,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
     _dq_consumer((q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
                  wg=wg, b=b, h=h, q_start=q_start, steps=steps,
                  sm_scale=scale_ref[0], causal_offset=causal_offset,
-                 block_k=block_k, num_stages=num_stages,
-                 interpret=interpret)
+                 config=config, interpret=interpret)
 
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(fm.PRODUCER_REGS, action='decrease')
     _, _, k_smem, v_smem, _ = smem
-    *_, k_ready, v_ready, k_free, v_free = bars
+    _, _, k_ready, v_ready, k_free, v_free, _ = bars
     kv_h = lax.div(h, group)
     index = lambda step: (b, pl.ds(step * block_k, block_k), kv_h)
     fm.produce([(k_free, [(fm.tma_loader(k_ref, k_smem, index), k_ready)]),
                 (v_free, [(fm.tma_loader(v_ref, v_smem, index), v_ready)])],
-               steps[1], num_stages)
+               steps[1], config.num_stages)
 
 
 def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
@@ -473,6 +488,8 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
   per_wg = plgpu.Barrier(num_barriers=fm.NUM_CONSUMERS)
   per_stage = plgpu.Barrier(num_barriers=stages)
   freed = plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=stages)
+  meeting = (plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS) if config.stagger
+             else None)
 
   def staging(cols):
     # The interpreter's wgmma reads A only from smem; on the GPU, P and dS
@@ -507,7 +524,8 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           # ds_free: both consumers done with the buffer.
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
-          per_wg if fused and interpret else None],
+          per_wg if fused and interpret else None,
+          meeting],
       grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
       **mesh,
   )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))
@@ -523,7 +541,7 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           fm.smem((stages, bk, head_dim), dtype),  # K
           fm.smem((stages, bk, head_dim), dtype),  # V
           staging(bk),
-          per_wg, per_wg, per_stage, per_stage, freed, freed],
+          per_wg, per_wg, per_stage, per_stage, freed, freed, meeting],
       grid=(heads, seq_q // fm.BLOCK_Q, batch), grid_names=('h', 'q', 'b'),
       **mesh,
   )(q, k, v, do, lse2, delta, scale)

@@ -148,6 +148,10 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], MosaicBwdConfig(block_q=128, block_k=128)),
     (Case(1, 384, 256, 2, 1, 96, True),
      MosaicBwdConfig(block_q=128, block_k=128)),
+    # Staggered consumers: GQA causal; no-key rows (dQ CTAs without steps).
+    (BWD_CASES[0], MosaicBwdConfig(block_k=128, stagger=True)),
+    (Case(1, 384, 128, 2, 1, 80, True, jnp.float16),
+     MosaicBwdConfig(stagger=True)),
 ]
 
 
@@ -156,7 +160,8 @@ def _bwd_config_id(config):
     return ''
   return ((f'_fused_s{config.num_stages}' if config.fused else
            f'_dq_k{config.block_k}_s{config.num_stages}') +
-          (f'_q{config.block_q}' if config.block_q != 64 else ''))
+          (f'_q{config.block_q}' if config.block_q != 64 else '') +
+          ('_stagger' if config.stagger else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -338,7 +343,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
-           [MosaicBwdConfig(block_q=128, block_k=128)]]
+           [MosaicBwdConfig(block_q=128, block_k=128),
+            MosaicBwdConfig(block_k=128, stagger=True)]]
     return bwd, o2, o3, o4
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -365,9 +371,11 @@ def test_cross_warp_reduction_fails_to_lower():
     _lowered_for_sm90(cross_warp)
 
 
-def test_stagger_refuses_pingpong():
+def test_stagger_refuses_pingpong_and_fused():
   with pytest.raises(ValueError, match='stagger is for schedules without'):
     MosaicConfig(pingpong=True, stagger=True)
+  with pytest.raises(ValueError, match='stagger is for the two-kernel'):
+    MosaicBwdConfig(fused=True, stagger=True)
 
 
 def test_fused_needs_head_dim_64_or_128():
@@ -541,6 +549,7 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
+    fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True)),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
