@@ -507,8 +507,8 @@ GPU_CASES = [
     # d80 and d96 above 8192 keys: overlap, not persistent (d96 causal here;
     # GPU_VARIANTS runs overlap at d80).
     Case(1, 16384, 16384, 4, 2, 96, True),
-    # d128 without the mask from 1024 to 2048 keys: ping-pong persistent
-    # (since 2026-12-03), many tiles a CTA.
+    # d128 without the mask from 1024 to 2048 keys: persistent (staggered
+    # overlap since 2026-12-03), many tiles a CTA.
     Case(4, 2048, 2048, 16, 4, 128, False),
 ] + _gpu_cases(6)
 
