@@ -285,6 +285,13 @@ def mosaic_variants(head_dim):
   # defaults at long sequences, and against d64's ping-pong).
   fwd += [MosaicConfig(128, 2, overlap=True, stagger=True),
           MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True)]
+  if head_dim <= 64:  # three consumers' registers (160) hold d64 tiles
+    fwd += [MosaicConfig(128, stages, consumers=3, **schedule)
+            for stages in (2, 3)
+            for schedule in (dict(), dict(stagger=True),
+                             dict(overlap=True, stagger=True),
+                             dict(overlap=True, persistent=True,
+                                  stagger=True))]
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
          MosaicBwdConfig(block_k=128, stagger=True)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
@@ -304,7 +311,8 @@ def describe_mosaic(part, tuning):
             f'{" pingpong" if c.pingpong else ""}'
             f'{" overlap" if c.overlap else ""}'
             f'{" persistent" if c.persistent else ""}'
-            f'{" stagger" if c.stagger else ""}')
+            f'{" stagger" if c.stagger else ""}'
+            f'{f" c{c.consumers}" if c.consumers != 2 else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}')

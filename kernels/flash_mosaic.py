@@ -34,13 +34,14 @@ LN2 = math.log(2.0)
 NEG_INF = float('-inf')
 
 ROWS_WG = 64  # wgmma's M: query (or key) rows per consumer warpgroup
-NUM_CONSUMERS = 2
-BLOCK_Q = ROWS_WG * NUM_CONSUMERS
+NUM_CONSUMERS = 2  # the backward's, and the forward's by default
+BLOCK_Q = ROWS_WG * NUM_CONSUMERS  # seq_q is a multiple of it
 HEAD_DIMS = (64, 80, 96, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Registers per thread after reallocation: 2 x 128 consumer threads x 240
-# + 128 producer threads x 24 <= 64K, the register file.
-CONSUMER_REGS = 240
+# + 128 producer threads x 24 <= 64K, the register file; with three
+# consumers, 3 x 128 x 160 + 128 x 24.
+CONSUMER_REGS = {2: 240, 3: 160}
 PRODUCER_REGS = 24
 # approx_math: approximate exp2 and log. No reduction scratch: every
 # reduction here runs along a WGMMA tile's rows, within a warp, and the 2 KiB
@@ -70,9 +71,14 @@ class MosaicConfig:
     each consumer loads its next Q during the current tile (two Q/O
     buffers) and stores O without waiting, so a short tile's prologue and
     epilogue overlap its neighbours' work. Otherwise one CTA per tile.
-  stagger: without ping-pong, warpgroup 1 starts each tile once warpgroup 0
-    has issued the tile's first wgmmas, and they meet no more, so tiles do
-    not begin with both softmaxes at once while the tensor cores idle.
+  stagger: without ping-pong, warpgroup w starts each tile once warpgroup
+    w - 1 has issued the tile's first wgmmas, and they meet no more, so tiles
+    do not begin with every softmax at once while the tensor cores idle.
+  consumers: consumer warpgroups, 2 or 3 (64 query rows each; 3 have 160
+    registers a thread, not 240): with three, two softmaxes can run under a
+    third's matmuls (FA3's 192-row tiles at d64). The last query block of a
+    sequence that 192 does not divide has consumers with no rows: they only
+    pass the K/V slots on.
   """
 
   block_k: int = 128
@@ -81,10 +87,21 @@ class MosaicConfig:
   overlap: bool = False
   persistent: bool = False
   stagger: bool = False
+  consumers: int = NUM_CONSUMERS
 
   def __post_init__(self):
     if self.stagger and self.pingpong:
       raise ValueError('stagger is for schedules without pingpong')
+    if self.consumers not in CONSUMER_REGS:
+      raise ValueError(f'consumers must be one of {tuple(CONSUMER_REGS)}, '
+                       f'got {self.consumers}')
+    if self.pingpong and self.consumers != 2:
+      raise ValueError('pingpong takes two consumers')
+
+  @property
+  def block_q(self):
+    """Query rows per tile."""
+    return ROWS_WG * self.consumers
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
@@ -338,33 +355,46 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
   qo_smem, k_smem, v_smem, p_smem, lse_smem = smem_refs
   q_bar, k_ready, v_ready, k_free, v_free, turn = bars
   p_smem = None if p_smem is None else p_smem.at[wg]
-  head_dim = q_ref.shape[-1]
+  seq_q, head_dim = q_ref.shape[1], q_ref.shape[-1]
   dtype = q_ref.dtype
   block_k, num_stages = config.block_k, config.num_stages
+  consumers, block_q = config.consumers, config.block_q
   scale = sm_scale * LOG2E
   s_shape = (ROWS_WG, block_k)
   o_shape = (ROWS_WG, head_dim)
   softmax = functools.partial(_softmax_step, scale=scale)
 
-  def my_rows(i):  # of query block i
-    return pl.ds(i * BLOCK_Q + wg * ROWS_WG, ROWS_WG)
+  def my_start(i):  # of query block i
+    return i * block_q + wg * ROWS_WG
+
+  def has_rows(i):
+    """Whether this warpgroup has rows in query block i: seq_q is a multiple
+    of 128, so with two consumers always."""
+    return True if consumers == 2 else my_start(i) < seq_q
 
   def q_ready(buf):
-    return q_bar.at[buf * NUM_CONSUMERS + wg]
+    return q_bar.at[buf * consumers + wg]
 
   buffers = qo_buffers(config)
 
   def load_q(n):  # Q, then O, of tile n live in buffer n % buffers
     buf = lax.rem(n, buffers)
     i, h, b, _ = tile(n)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, my_rows(i), h], qo_smem.at[buf, wg],
-                            q_ready(buf))
+
+    @pl.when(has_rows(i))
+    def _():
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(my_start(i), ROWS_WG), h],
+                              qo_smem.at[buf, wg], q_ready(buf))
 
   def meet(now=config.pingpong):
     # With warpgroup 1 one meeting behind, their wgmmas and softmaxes
     # alternate.
     if now:
-      meet_at(turn)
+      meet_at(turn.at[0])
+
+  def meet_next(w):
+    """Stagger: warpgroup w meets w + 1 (turn[w])."""
+    meet_at(turn.at[0] if consumers == 2 else turn.at[w])
 
   def run_tile(n, base):
     """Tile n; its step j uses K/V slot (base + j) % stages. Returns base
@@ -372,7 +402,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     buf = lax.rem(n, buffers)
     i, h, b, (unmasked, total) = tile(n)
     q_smem = qo_smem.at[buf, wg]
-    q_pos = i * BLOCK_Q + wg * ROWS_WG + wgmma_iota(s_shape, 0)
+    q_pos = my_start(i) + wgmma_iota(s_shape, 0)
 
     def prefetch():
       """The next tile's Q into the other buffer, once the TMA store of the
@@ -387,7 +417,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       if config.persistent:
         pl.when(j == 0)(prefetch)
       if config.stagger:
-        pl.when((j == 0) & (wg == 0))(functools.partial(meet, True))
+        pl.when((j == 0) & (wg < consumers - 1))(
+            functools.partial(meet_next, wg))
       meet()
 
     def mask(masked, j):
@@ -477,44 +508,72 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m, l
 
-    causal = causal_offset is not None
-    init = (wgmma_full(o_shape, 0.0), wgmma_rows(ROWS_WG, NEG_INF),
-            wgmma_rows(ROWS_WG, 0.0))
-    with jax.named_scope('wait_q'):
-      plgpu.barrier_wait(q_ready(buf))
-    pl.when(wg == 1)(meet)
-    if config.stagger:  # tiles without keys issue nothing: no meeting
-      pl.when((wg == 1) & (total > 0))(functools.partial(meet, True))
-    if config.overlap:
-      # Both consumers share `total`, so they skip (no keys at all) together.
-      carry = lax.cond(total > 0, lambda: first(causal),
-                       lambda: (*init, wgmma_full(s_shape, 0.0).astype(dtype)))
-      carry = lax.fori_loop(1, jnp.maximum(unmasked, 1),
-                            functools.partial(overlapped, False), carry)
-      if causal:
-        carry = lax.fori_loop(jnp.maximum(unmasked, 1), total,
-                              functools.partial(overlapped, True), carry)
-      acc, m, l = lax.cond(total > 0, last, lambda c: c[:3], carry)
+    def idle():
+      """No rows here: free each K/V slot once it is filled (the barriers'
+      phases stay in step) and keep the stagger's meetings."""
+      if config.stagger:
+        pl.when((wg > 0) & (total > 0))(functools.partial(meet_next, wg - 1))
+        pl.when((wg < consumers - 1) & (total > 0))(
+            functools.partial(meet_next, wg))
+
+      @pl.loop(0, total)
+      def _(j):
+        slot = lax.rem(base + j, num_stages)
+        for ready, free in ((k_ready, k_free), (v_ready, v_free)):
+          plgpu.barrier_wait(ready.at[slot])
+          plgpu.barrier_arrive(free.at[slot])
+
+      if config.persistent:
+        prefetch()
+
+    def attend():
+      causal = causal_offset is not None
+      init = (wgmma_full(o_shape, 0.0), wgmma_rows(ROWS_WG, NEG_INF),
+              wgmma_rows(ROWS_WG, 0.0))
+      with jax.named_scope('wait_q'):
+        plgpu.barrier_wait(q_ready(buf))
+      pl.when(wg == 1)(meet)
+      if config.stagger:  # tiles without keys issue nothing: no meeting
+        pl.when((wg > 0) & (total > 0))(functools.partial(meet_next, wg - 1))
+      if config.overlap:
+        # The consumers share `total`, so they skip (no keys at all)
+        # together.
+        carry = lax.cond(
+            total > 0, lambda: first(causal),
+            lambda: (*init, wgmma_full(s_shape, 0.0).astype(dtype)))
+        carry = lax.fori_loop(1, jnp.maximum(unmasked, 1),
+                              functools.partial(overlapped, False), carry)
+        if causal:
+          carry = lax.fori_loop(jnp.maximum(unmasked, 1), total,
+                                functools.partial(overlapped, True), carry)
+        acc, m, l = lax.cond(total > 0, last, lambda c: c[:3], carry)
+      else:
+        carry = lax.fori_loop(0, unmasked, functools.partial(body, False),
+                              init)
+        if causal:
+          carry = lax.fori_loop(unmasked, total,
+                                functools.partial(body, True), carry)
+        acc, m, l = carry
+      if config.persistent:
+        pl.when(total == 0)(prefetch)
+      pl.when(wg == 0)(meet)
+      with jax.named_scope('epilogue'):
+        # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
+        empty = l == 0.0
+        l_safe = jnp.where(empty, 1.0, l)
+        q_smem[...] = (acc * rows_col(1.0 / l_safe, acc.shape)).astype(dtype)
+        lse_smem.at[buf, wg][...] = jnp.where(empty, NEG_INF,
+                                              m * LN2 + jnp.log(l_safe))
+        plgpu.commit_smem()
+        rows = pl.ds(my_start(i), ROWS_WG)
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg],
+                                lse_ref.at[b, h, rows])
+
+    if consumers == 2:
+      attend()
     else:
-      carry = lax.fori_loop(0, unmasked, functools.partial(body, False), init)
-      if causal:
-        carry = lax.fori_loop(unmasked, total, functools.partial(body, True),
-                              carry)
-      acc, m, l = carry
-    if config.persistent:
-      pl.when(total == 0)(prefetch)
-    pl.when(wg == 0)(meet)
-    with jax.named_scope('epilogue'):
-      # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
-      empty = l == 0.0
-      l_safe = jnp.where(empty, 1.0, l)
-      q_smem[...] = (acc * rows_col(1.0 / l_safe, acc.shape)).astype(dtype)
-      lse_smem.at[buf, wg][...] = jnp.where(empty, NEG_INF,
-                                            m * LN2 + jnp.log(l_safe))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, my_rows(i), h])
-      plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg],
-                              lse_ref.at[b, h, my_rows(i)])
+      lax.cond(has_rows(i), attend, idle)
     return base + total
 
   load_q(0)
@@ -529,7 +588,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
   seq_kv = k_ref.shape[1]
   block_k, num_stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
-  num_q = seq_q // BLOCK_Q
+  block_q, consumers = config.block_q, config.consumers
+  num_q = pl.cdiv(seq_q, block_q)
   if config.persistent:  # tiles cta, cta + ctas, ...
     cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
     count = lax.div(num_q * heads * batch - cta + ctas - 1, ctas)
@@ -543,21 +603,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
 
   def tile(n):  # what the consumers and the producer agree on
     i, h, b = tile_index(n)
-    return i, h, b, kv_steps(i * BLOCK_Q, BLOCK_Q, block_k, seq_kv,
+    return i, h, b, kv_steps(i * block_q, block_q, block_k, seq_kv,
                              causal_offset)
 
   wg = lax.axis_index('wg')
 
-  @pl.when(wg < NUM_CONSUMERS)
+  @pl.when(wg < consumers)
   def _():
-    plgpu.set_max_registers(CONSUMER_REGS, action='increase')
+    plgpu.set_max_registers(CONSUMER_REGS[consumers], action='increase')
     _fwd_consumer(
         (q_ref, o_ref, lse_ref), (qo_smem, k_smem, v_smem, p_smem, lse_smem),
         (q_bar, k_ready, v_ready, k_free, v_free, turn), wg=wg,
         count=count, tile=tile, sm_scale=scale_ref[0],
         causal_offset=causal_offset, config=config, interpret=interpret)
 
-  @pl.when(wg == NUM_CONSUMERS)
+  @pl.when(wg == consumers)
   def _():
     plgpu.set_max_registers(PRODUCER_REGS, action='decrease')
 
@@ -605,26 +665,28 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
   group = heads // k.shape[2]
   stages, block_k = config.num_stages, config.block_k
   kv_tile = (stages, block_k, head_dim)
-  consumers = plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages)
+  consumers = config.consumers
+  freed = plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)
   # Q, then O; persistent: of a CTA's even and odd tiles.
   buffers = qo_buffers(config)
   scratch = [
-      smem((buffers, NUM_CONSUMERS, ROWS_WG, head_dim), q.dtype),
+      smem((buffers, consumers, ROWS_WG, head_dim), q.dtype),
       smem(kv_tile, q.dtype), smem(kv_tile, q.dtype),
       # The interpreter's wgmma reads A only from shared memory; on the GPU,
       # P goes from registers.
-      (smem((NUM_CONSUMERS, ROWS_WG, block_k), q.dtype)
+      (smem((consumers, ROWS_WG, block_k), q.dtype)
        if interpret_params(interpret) else None),
-      plgpu.SMEM((buffers, NUM_CONSUMERS, ROWS_WG), jnp.float32),
-      plgpu.Barrier(num_barriers=buffers * NUM_CONSUMERS),
+      plgpu.SMEM((buffers, consumers, ROWS_WG), jnp.float32),
+      plgpu.Barrier(num_barriers=buffers * consumers),
       plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-      consumers, consumers,
-      plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # pingpong's meeting
+      freed, freed,
+      # Ping-pong's meeting; the stagger's, of warpgroups w and w + 1.
+      plgpu.Barrier(num_arrivals=2, num_barriers=consumers - 1),
   ]
   kernel = functools.partial(
       _fwd_kernel, causal=causal, group=group, config=config,
       interpret=interpret_params(interpret) is not None)
-  num_q = seq_q // BLOCK_Q
+  num_q = pl.cdiv(seq_q, config.block_q)
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -633,7 +695,7 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
       grid=((min(num_q * heads * batch, persistent_ctas(interpret)),)
             if config.persistent else (heads, num_q, batch)),
       grid_names=('cta',) if config.persistent else ('h', 'q', 'b'),
-      num_threads=NUM_CONSUMERS + 1,
+      num_threads=consumers + 1,
       thread_name='wg',
       compiler_params=COMPILER_PARAMS,
       interpret=interpret_params(interpret),

@@ -25,6 +25,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import flash_mosaic as fm
 
 BLOCK_K = fm.ROWS_WG * fm.NUM_CONSUMERS  # keys per dK/dV CTA
+CONSUMER_REGS = fm.CONSUMER_REGS[fm.NUM_CONSUMERS]
 # dQ = dS K takes both operands from smem, which Mosaic's wgmma needs equally
 # swizzled: dS^T rows (64 queries) take 128 B, so K rows must too.
 FUSED_HEAD_DIMS = (64, 128)
@@ -313,7 +314,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
 
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
-    plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
+    plgpu.set_max_registers(CONSUMER_REGS, action='increase')
     _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
                    wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
                    group=group, sm_scale=scale_ref[0],
@@ -433,7 +434,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
 
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
-    plgpu.set_max_registers(fm.CONSUMER_REGS, action='increase')
+    plgpu.set_max_registers(CONSUMER_REGS, action='increase')
     _dq_consumer((q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
                  wg=wg, b=b, h=h, q_start=q_start, steps=steps,
                  sm_scale=scale_ref[0], causal_offset=causal_offset,

@@ -88,6 +88,18 @@ FWD_CASES = [
      MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True)),
     (Case(1, 256, 256, 2, 2, 80, False, jnp.float16),
      MosaicConfig(64, 3, stagger=True)),
+    # Three consumers (192-row tiles): 256 and 512 rows end in a block where
+    # two or one of them have no rows; persistent with no-key rows; staggered
+    # in a chain (warpgroup 2 after 1 after 0).
+    (Case(1, 256, 256, 2, 1, 64, True), MosaicConfig(64, 2, consumers=3)),
+    (Case(1, 512, 256, 2, 2, 64, False),
+     MosaicConfig(64, 2, stagger=True, consumers=3)),
+    (Case(2, 384, 128, 2, 1, 64, True),
+     MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
+                  consumers=3)),
+    (Case(2, 256, 256, 2, 1, 96, False, jnp.float16),
+     MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
+                  consumers=3)),
 ] + _random_cases(1)
 
 
@@ -96,7 +108,8 @@ def _fwd_config_id(config):
           f'{"_pingpong" if config.pingpong else ""}'
           f'{"_overlap" if config.overlap else ""}'
           f'{"_persistent" if config.persistent else ""}'
-          f'{"_stagger" if config.stagger else ""}')
+          f'{"_stagger" if config.stagger else ""}'
+          f'{f"_c{config.consumers}" if config.consumers != 2 else ""}')
 
 
 def _case_id(case_config):
@@ -188,12 +201,16 @@ def test_bwd_interpret_matches_reference_vjp(case, config):
 
 @pytest.mark.parametrize('config', [
     MosaicConfig(64, 2), MosaicConfig(64, 2, pingpong=True, overlap=True),
-    MosaicConfig(64, 2, overlap=True, persistent=True)],
-                         ids=['plain', 'pingpong_overlap', 'persistent'])
+    MosaicConfig(64, 2, overlap=True, persistent=True),
+    MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
+                 consumers=3)],
+                         ids=['plain', 'pingpong_overlap', 'persistent',
+                              'persistent_c3'])
 def test_fwd_interpret_no_races(config):
   """The interpreter's happens-before race detector over the mbarrier
   protocol (TMA writes vs. reads of the K/V slots and the Q/O tiles; with
-  persistent, 8 tiles on 3 CTAs reuse both Q/O buffers)."""
+  persistent, 8 tiles on 3 CTAs reuse both Q/O buffers; with three
+  consumers, every other tile has two without rows)."""
   case = Case(1, 256, 256, 4, 1, 64, True)
   q, k, v, *_ = _inputs(case, jax.random.PRNGKey(1))
   flash_mosaic.flash_fwd(
@@ -315,7 +332,8 @@ def test_lowers_for_sm90(head_dim, causal):
 def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
-  memory: it fits only without Pallas's reduction scratch), the fused
+  memory: it fits only without Pallas's reduction scratch), three
+  consumers at d64, the fused
   backward where it runs and a 3-stage dQ kernel below d128, plus 128-row
   dK/dV steps (a setting out of the sweep); the interpreter lacks the
   accumulator store (overlap), TMA reduce-add (fused) and shared-memory
@@ -337,6 +355,12 @@ def test_variants_lower_for_sm90(head_dim, causal):
     o4, _ = flash_mosaic.flash_fwd(
         q, k, v, config=MosaicConfig(128, 2, overlap=True, persistent=True,
                                      stagger=True), **kwargs)
+    # Three consumers (d64's): 1024 rows end in a 192-row tile with one.
+    o5 = [flash_mosaic.flash_fwd(q, k, v, config=config, **kwargs)[0]
+          for config in [MosaicConfig(128, 3, stagger=True, consumers=3),
+                         MosaicConfig(128, 2, overlap=True, persistent=True,
+                                      stagger=True, consumers=3)]
+          if head_dim == 64]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
@@ -345,7 +369,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
             if head_dim <= 96 else []) +
            [MosaicBwdConfig(block_q=128, block_k=128),
             MosaicBwdConfig(block_k=128, stagger=True)]]
-    return bwd, o2, o3, o4
+    return bwd, o2, o3, o4, o5
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
 
@@ -376,6 +400,13 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicConfig(pingpong=True, stagger=True)
   with pytest.raises(ValueError, match='stagger is for the two-kernel'):
     MosaicBwdConfig(fused=True, stagger=True)
+
+
+def test_consumers_two_or_three_and_pingpong_two():
+  with pytest.raises(ValueError, match=r'consumers must be one of \(2, 3\)'):
+    MosaicConfig(consumers=4)
+  with pytest.raises(ValueError, match='pingpong takes two consumers'):
+    MosaicConfig(pingpong=True, consumers=3)
 
 
 def test_fused_needs_head_dim_64_or_128():
@@ -543,6 +574,9 @@ GPU_VARIANTS = [
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, stagger=True)),
     fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, persistent=True,
                                      stagger=True)),
+    fa.MosaicTuning(fwd=MosaicConfig(128, 2, stagger=True, consumers=3)),
+    fa.MosaicTuning(fwd=MosaicConfig(128, 2, overlap=True, persistent=True,
+                                     stagger=True, consumers=3)),
     fa.MosaicTuning(fwd=MosaicConfig(64, 4, pingpong=True, overlap=True),
                     bwd=FUSED),
     fa.MosaicTuning(bwd=TWO_KERNELS),
@@ -553,13 +587,19 @@ GPU_VARIANTS = [
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
-                     GPU_CASES[6], GPU_CASES[7]]  # more tiles than SMs
+                     GPU_CASES[6], GPU_CASES[7],  # more tiles than SMs
+                     # d64 causal, 1024 rows: the last 192-row tile of three
+                     # consumers has one with rows.
+                     Case(2, 1024, 1024, 4, 2, 64, True)]
 
 
 def _variant_runs(case, tuning):
   """The fused backward runs at its head dims only, with 3 stages at d64
-  only; the dQ kernel's 3 stages fit below d128."""
+  only; the dQ kernel's 3 stages fit below d128; three consumers are for
+  d64 (their 160 registers spill above)."""
   bwd = tuning.bwd
+  if tuning.fwd is not None and tuning.fwd.consumers == 3:
+    return case.head_dim <= 64
   if bwd is None:
     return True
   if bwd.fused:
