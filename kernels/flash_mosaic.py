@@ -109,7 +109,9 @@ class MosaicConfig:
     128 unless a 256 one divides seq_kv.
     - d64: ping-pong, persistent always without the mask and up to 4096 keys
       with it (+16% at s2048 causal, +8% at s4096; at 8192 a tie, at 16384
-      4% lost).
+      4% lost). From 8192 keys three consumers, overlap, staggered
+      (2026-12-03: 7.6-9.7% less time without the mask, persistent above
+      8192 keys; causal 2.9-4.7%; ties at 2048-4096 keys).
     - d80 and d96: ping-pong persistent up to 8192 keys (2026-12-02,
       against overlap: 5-9% less time at 1024-2048 keys d80 non-causal,
       8-13% at d96 s1024, elsewhere 1-7% or a tie; d96 s4096 non-causal
@@ -121,6 +123,9 @@ class MosaicConfig:
       time than overlap at 2048-16384 keys; without the mask 2.7% less
       than ping-pong persistent at 1024 keys, 4.5% at 2048, within 1% of
       overlap above)."""
+    if head_dim <= 64 and seq_kv >= 8192:
+      return cls(128, 2, overlap=True, stagger=True, consumers=3,
+                 persistent=not causal and seq_kv > 8192)
     if head_dim <= 64:  # a 256-key block only without the mask
       persistent = not causal or seq_kv <= 4096
       if not causal and seq_kv % 256 == 0:

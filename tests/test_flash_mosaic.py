@@ -541,6 +541,10 @@ GPU_CASES = [
     # d128 without the mask from 1024 to 2048 keys: persistent (staggered
     # overlap since 2026-12-03), many tiles a CTA.
     Case(4, 2048, 2048, 16, 4, 128, False),
+    # d64 from 8192 keys: three consumers (2026-12-03), causal; persistent
+    # without the mask above 8192, here with a last tile of one consumer.
+    Case(1, 8192, 8192, 4, 2, 64, True),
+    Case(1, 1024, 16384, 4, 1, 64, False, jnp.float16),
 ] + _gpu_cases(6)
 
 
