@@ -3,15 +3,15 @@ pieces that the backward in flash_mosaic_vjp.py shares.
 
 One CTA per tile of (128 query rows, head, batch row), or, persistent
 (MosaicConfig.persistent), one per SM running several tiles; three
-warpgroups:
+warpgroups (four with MosaicConfig.consumers=3, 192-row tiles):
   - warpgroups 0 and 1 (consumers) each own 64 query rows (wgmma's M), run
     S = Q K^T and O += P V on the tensor cores with wgmma and the online
     softmax in registers;
-  - warpgroup 2 (producer) streams K and V tiles with TMA into a ring of
-    `num_stages` shared-memory slots and gives most of its registers to the
-    consumers (set_max_registers).
+  - the last warpgroup (producer) streams K and V tiles with TMA into a ring
+    of `num_stages` shared-memory slots and gives most of its registers to
+    the consumers (set_max_registers).
 Slots are handed over with mbarriers: k_ready/v_ready (TMA completion) and
-k_free/v_free (both consumers have read the slot). Scores live in the log2
+k_free/v_free (every consumer has read the slot). Scores live in the log2
 domain (s * sm_scale * log2 e, one FMA + exp2 per score).
 
 Limits (unsupported() names them): bfloat16/float16, head_dim 64/80/96/128
