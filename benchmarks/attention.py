@@ -285,7 +285,7 @@ def mosaic_variants(head_dim):
   # defaults at long sequences, and against d64's ping-pong).
   fwd += [MosaicConfig(128, 2, overlap=True, stagger=True),
           MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True)]
-  if head_dim <= 64:  # three consumers' registers (160) hold d64 tiles
+  if head_dim <= 96:  # three consumers' 160 registers: d64, d80/d96 spill
     fwd += [MosaicConfig(128, stages, consumers=3, **schedule)
             for stages in (2, 3)
             for schedule in (dict(), dict(stagger=True),
@@ -299,7 +299,8 @@ def mosaic_variants(head_dim):
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
-      bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
+      bwd += [MosaicBwdConfig(num_stages=3, fused=True),
+              MosaicBwdConfig(block_q=128, fused=True)]
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
           [('bwd', MosaicTuning(bwd=c)) for c in bwd])
 

@@ -76,7 +76,8 @@ class MosaicConfig:
     do not begin with every softmax at once while the tensor cores idle.
   consumers: consumer warpgroups, 2 or 3 (64 query rows each; 3 have 160
     registers a thread, not 240): with three, two softmaxes can run under a
-    third's matmuls (FA3's 192-row tiles at d64). The last query block of a
+    third's matmuls (FA3's 192-row tiles at d64; at d80 and d96 with some
+    spills). The last query block of a
     sequence that 192 does not divide has consumers with no rows: they only
     pass the K/V slots on.
   """
@@ -117,6 +118,10 @@ class MosaicConfig:
       8-13% at d96 s1024, elsewhere 1-7% or a tie; d96 s4096 non-causal
       1.4% more); above, as d128 (at 16384 keys 12-13% less time causal,
       4.4% d96 non-causal; d80 non-causal 2% more, within run spread).
+      From 8192 keys, except d96 without the mask, three consumers,
+      staggered, with overlap at d80 without the mask (2026-12-04: 5.4-8%
+      less time there, 3-4.6% d80 causal, 4.5-12.7% d96 causal; d96
+      without the mask 1-3% more).
     - d128: overlap, persistent up to 512 keys (causal at 1024-4096 keys
       persistent took 12-15% more). From 1024 keys staggered, without the
       mask persistent up to 2048 keys (2026-12-03: causal 1.6-2.3% less
@@ -131,6 +136,8 @@ class MosaicConfig:
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, persistent=persistent)
       return cls(128, 3, pingpong=True, persistent=persistent)
+    if head_dim < 128 and seq_kv >= 8192 and (causal or head_dim <= 80):
+      return cls(128, 2, overlap=not causal, stagger=True, consumers=3)
     if head_dim < 128 and seq_kv <= 8192:
       return cls(128, 2, pingpong=True, persistent=True)
     # Shared memory (bf16): Q/O 128 x d (persistent: twice), plus stages x 2

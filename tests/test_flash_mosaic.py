@@ -146,6 +146,7 @@ BWD_CASES = [
 
 
 FUSED = MosaicBwdConfig(fused=True)
+FUSED_Q128 = MosaicBwdConfig(block_q=128, fused=True)  # d64 only
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
@@ -153,6 +154,10 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (Case(1, 384, 256, 4, 2, 64, True), FUSED),          # no-key rows, GQA
     (Case(1, 384, 256, 4, 2, 64, True),
      MosaicBwdConfig(num_stages=3, fused=True)),          # the same, 3 stages
+    # Fused with 128-query steps (dQ in row halves): GQA causal with a
+    # masked diagonal; no-key rows, MQA, fp16.
+    (Case(1, 256, 256, 4, 2, 64, True), FUSED_Q128),
+    (Case(1, 384, 128, 2, 1, 64, True, jnp.float16), FUSED_Q128),
     # dQ kernel: 5 key steps through 3 stages.
     (Case(1, 128, 640, 2, 1, 80, True),
      MosaicBwdConfig(block_k=128, num_stages=3)),
@@ -220,12 +225,13 @@ def test_fwd_interpret_no_races(config):
 
 
 @pytest.mark.parametrize('head_dim,config', [
-    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True))],
-                         ids=['d64', 'd128', 'd64_s3'])
+    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True)),
+    (64, FUSED_Q128)], ids=['d64', 'd128', 'd64_s3', 'd64_q128'])
 def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
-  writes its dS^T, both read them (d128: a dQ half each every step; d64:
-  in turns; also with 3 stages at d64), two buffers guarded by
+  writes its dS^T, both read them (d128, and d64 with 128-query steps: a
+  dQ half each every step; d64: in turns; also with 3 stages at d64), two
+  buffers guarded by
   ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
   no TMA reduce-add, and its stand-in (load, add, store; exact as CTAs run
   one after another) is seen racing with the same tile's add from another
@@ -333,7 +339,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), three
-  consumers at d64, the fused
+  consumers up to d96, the fused
   backward where it runs and a 3-stage dQ kernel below d128, plus 128-row
   dK/dV steps (a setting out of the sweep); the interpreter lacks the
   accumulator store (overlap), TMA reduce-add (fused) and shared-memory
@@ -355,15 +361,18 @@ def test_variants_lower_for_sm90(head_dim, causal):
     o4, _ = flash_mosaic.flash_fwd(
         q, k, v, config=MosaicConfig(128, 2, overlap=True, persistent=True,
                                      stagger=True), **kwargs)
-    # Three consumers (d64's): 1024 rows end in a 192-row tile with one.
+    # Three consumers (up to d96): 1024 rows end in a 192-row tile with one.
     o5 = [flash_mosaic.flash_fwd(q, k, v, config=config, **kwargs)[0]
           for config in [MosaicConfig(128, 3, stagger=True, consumers=3),
+                         MosaicConfig(128, 2, overlap=True, stagger=True,
+                                      consumers=3),
                          MosaicConfig(128, 2, overlap=True, persistent=True,
                                       stagger=True, consumers=3)]
-          if head_dim == 64]
+          if head_dim <= 96]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
+           ([FUSED_Q128] if head_dim == 64 else []) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -409,15 +418,20 @@ def test_consumers_two_or_three_and_pingpong_two():
     MosaicConfig(pingpong=True, consumers=3)
 
 
-def test_fused_needs_head_dim_64_or_128():
+def test_fused_validates_head_dim_and_block_q():
   q = jax.ShapeDtypeStruct((1, 256, 2, 80), jnp.bfloat16)
   lse = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
   with pytest.raises(ValueError, match=r'fused backward needs head_dim'):
     _lowered_for_sm90(lambda q, lse: flash_mosaic_vjp.flash_bwd(
         q, q, q, q, lse, q, None, sm_scale=0.1, causal=False,
         interpret=False, config=FUSED), q, lse)
-  with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
-    MosaicBwdConfig(block_q=128, fused=True)
+  with pytest.raises(ValueError, match=r'fused needs block_q 64 or 128'):
+    MosaicBwdConfig(block_q=256, fused=True)
+  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r'block_q 128 needs head_dim 64'):
+    _lowered_for_sm90(lambda q, lse: flash_mosaic_vjp.flash_bwd(
+        q, q, q, q, lse, q, None, sm_scale=0.1, causal=False,
+        interpret=False, config=FUSED_Q128), q, lse)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -535,8 +549,9 @@ GPU_CASES = [
     # ones with many tiles.
     Case(2, 2048, 2048, 8, 2, 64, True),
     Case(1, 4096, 4096, 8, 8, 64, False, jnp.float16),
-    # d80 and d96 above 8192 keys: overlap, not persistent (d96 causal here;
-    # GPU_VARIANTS runs overlap at d80).
+    # d80 and d96 above 8192 keys: overlap, not persistent, or three
+    # consumers (d96 causal here since 2026-12-04); GPU_VARIANTS runs
+    # overlap at d80.
     Case(1, 16384, 16384, 4, 2, 96, True),
     # d128 without the mask from 1024 to 2048 keys: persistent (staggered
     # overlap since 2026-12-03), many tiles a CTA.
@@ -545,6 +560,11 @@ GPU_CASES = [
     # without the mask above 8192, here with a last tile of one consumer.
     Case(1, 8192, 8192, 4, 2, 64, True),
     Case(1, 1024, 16384, 4, 1, 64, False, jnp.float16),
+    # d80 from 8192 keys, and d96 with the mask: three consumers
+    # (2026-12-04; overlap at d80 without the mask), a last tile of two.
+    Case(1, 8192, 8192, 4, 2, 80, False),
+    Case(1, 8192, 8192, 4, 1, 80, True, jnp.float16),
+    Case(1, 8192, 8192, 4, 2, 96, True),
 ] + _gpu_cases(6)
 
 
@@ -586,6 +606,7 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=TWO_KERNELS),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
+    fa.MosaicTuning(bwd=FUSED_Q128),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True)),
 ]
@@ -598,17 +619,18 @@ GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
 
 
 def _variant_runs(case, tuning):
-  """The fused backward runs at its head dims only, with 3 stages at d64
-  only; the dQ kernel's 3 stages fit below d128; three consumers are for
-  d64 (their 160 registers spill above)."""
+  """The fused backward runs at its head dims only, with 3 stages or
+  128-query steps at d64 only; the dQ kernel's 3 stages fit below d128;
+  three consumers run up to d96 (their 160 registers spill more above)."""
   bwd = tuning.bwd
   if tuning.fwd is not None and tuning.fwd.consumers == 3:
-    return case.head_dim <= 64
+    return case.head_dim <= 96
   if bwd is None:
     return True
   if bwd.fused:
     return (case.head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS and
-            (bwd.num_stages <= 2 or case.head_dim <= 64))
+            (bwd.num_stages <= 2 and bwd.block_q == 64 or
+             case.head_dim <= 64))
   return bwd.num_stages <= 2 or case.head_dim <= 96
 
 
