@@ -299,8 +299,7 @@ def mosaic_variants(head_dim):
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
-      bwd += [MosaicBwdConfig(num_stages=3, fused=True),
-              MosaicBwdConfig(block_q=128, fused=True)]
+      bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
           [('bwd', MosaicTuning(bwd=c)) for c in bwd])
 

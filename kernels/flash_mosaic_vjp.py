@@ -41,11 +41,10 @@ class MosaicBwdConfig:
   fused: no dQ kernel: the dK/dV kernel also computes dQ = dS K (5 matmuls
     instead of 7, no second exp of S) and adds it into a float32 dQ in HBM
     with TMA reduce-adds. Both consumers write their 64 keys' dS^T to a
-    shared smem tile; dQ over all 128 keys is computed in 64 x 64 parts
-    (dq_part): two (d128: column halves; d64 with block_q 128: row halves),
-    one per consumer every step, or one (d64, block_q 64) that the
-    consumers take in turns. Needs head_dim in FUSED_HEAD_DIMS, block_q 64
-    or (at d64) 128, and an extra float32 pass over dQ.
+    shared smem tile; dQ over all 128 keys is computed in 64-column parts
+    (dq_part: at d128 one per consumer every step, at d64 in turns). Needs
+    block_q == 64 (wgmma's M), head_dim in FUSED_HEAD_DIMS, and an extra
+    float32 pass over dQ.
   stagger: two kernels, warpgroup 1 starts once warpgroup 0 has issued its
     first step's wgmmas (as the forward's MosaicConfig.stagger), so their
     exp2 and dS run while the other's matmuls do.
@@ -68,9 +67,9 @@ class MosaicBwdConfig:
     return cls(block_k=128, stagger=True)
 
   def __post_init__(self):
-    if self.fused and self.block_q not in (fm.ROWS_WG, 2 * fm.ROWS_WG):
-      raise ValueError(f'fused needs block_q {fm.ROWS_WG} or '
-                       f'{2 * fm.ROWS_WG}, got {self.block_q}')
+    if self.fused and self.block_q != fm.ROWS_WG:
+      raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
+                       f'{self.block_q}')
     if self.fused and self.stagger:  # dQ's dS exchange meets every step
       raise ValueError('stagger is for the two-kernel backward')
 
@@ -134,10 +133,9 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   lo, first_full, num_q = q_range
   per_head = num_q - lo
 
-  # dQ in 64 x 64 parts. Two: one per consumer every step, issued inside
-  # the step right behind dK; one: the consumers take turns after the step.
-  col_parts = head_dim // DQ_COLS
-  parts = bq // fm.ROWS_WG * col_parts
+  parts = head_dim // DQ_COLS
+  # d128: two dQ parts, one per consumer every step, issued inside the step
+  # right behind dK; d64: one part, the consumers take turns after the step.
   part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
 
   def share_ds(step, ds_t):
@@ -148,20 +146,14 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     plgpu.commit_smem()
     plgpu.barrier_arrive(ds_ready.at[buf])
 
-  def part_rows(part):
-    """The 64 query rows of a dQ part, within the step's block_q."""
-    return lax.div(part, col_parts) * fm.ROWS_WG
-
   def dq_part(step, part, acc_ref):
-    """dQ part `part` of the step's query rows against all the CTA's keys
-    (both consumers' dS^T); waits for every wgmma in flight."""
+    """dQ of the step's query rows, columns of `part`, against all the CTA's
+    keys (both consumers' dS^T); waits for every wgmma in flight."""
     buf = lax.rem(step, 2)
     plgpu.barrier_wait(ds_ready.at[buf])
-    rows = pl.ds(part_rows(part), fm.ROWS_WG)
-    cols = pl.ds(lax.rem(part, col_parts) * DQ_COLS, DQ_COLS)
+    cols = pl.ds(part * DQ_COLS, DQ_COLS)
     for w in range(fm.NUM_CONSUMERS):
-      plgpu.wgmma(acc_ref, ds_smem.at[buf, w, :, rows].T,
-                  k_all.at[w, :, cols])
+      plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
     dq = acc_ref[...]
     plgpu.barrier_arrive(ds_free.at[buf])
     return dq
@@ -171,11 +163,9 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     this consumer's dQ buffers in turn (d64: it computes every other
     step's, so the step's parity would always pick the same buffer)."""
     dq = pl.run_scoped(functools.partial(dq_part, step, part),
-                       plgpu.ACC((fm.ROWS_WG, DQ_COLS), jnp.float32))
+                       plgpu.ACC((bq, DQ_COLS), jnp.float32))
     h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
-    rows = pl.ds(q_rows.start + part_rows(part), fm.ROWS_WG)
-    dst = dq_ref.at[b, rows, h,
-                    pl.ds(lax.rem(part, col_parts) * DQ_COLS, DQ_COLS)]
+    dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
     buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
     _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
                  None if dq_bar is None else dq_bar.at[wg], interpret)
@@ -471,9 +461,6 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
     raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
                      f'got {q.shape[3]}')
-  if config.fused and config.block_q * q.shape[3] > fm.ROWS_WG * 128:
-    raise ValueError('fused backward with block_q 128 needs head_dim 64, '
-                     f'got {q.shape[3]}')
   return _flash_bwd(q, k, v, o, lse, do, dlse, fm.scale_input(sm_scale),
                     causal=causal, interpret=interpret, config=config)
 
@@ -532,7 +519,7 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           if fused else None,
           # Fused: each consumer's dQ parts, two buffers (a reduce-add in
           # flight reads one while the next part is written to the other).
-          fm.smem((fm.NUM_CONSUMERS, 2, fm.ROWS_WG, DQ_COLS), jnp.float32)
+          fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
           if fused else None,
           per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
