@@ -1,9 +1,8 @@
 """FlashAttention backward for Hopper in Pallas Mosaic GPU: delta = rowsum(dO
 * O) in XLA, then two warp-specialized kernels that recompute P = exp(s - lse)
 from the given lse:
-  - dK/dV: one CTA per 128 keys (64 per consumer warpgroup; fused at d64,
-    optionally 192 with three), looping over the query blocks of every q
-    head of its kv head (GQA sums in registers);
+  - dK/dV: one CTA per 128 keys (64 per consumer warpgroup), looping over the
+    query blocks of every q head of its kv head (GQA sums in registers);
   - dQ: one CTA per 128 query rows, looping over key blocks (the forward's
     structure).
 Two kernels and no atomics: dQ is written once, in order. The cost is
@@ -25,8 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import flash_mosaic as fm
 
-# Keys per two-consumer dK/dV CTA: seq_kv must be a multiple.
-BLOCK_K = fm.ROWS_WG * fm.NUM_CONSUMERS
+BLOCK_K = fm.ROWS_WG * fm.NUM_CONSUMERS  # keys per dK/dV CTA
 CONSUMER_REGS = fm.CONSUMER_REGS[fm.NUM_CONSUMERS]
 # dQ = dS K takes both operands from smem, which Mosaic's wgmma needs equally
 # swizzled: dS^T rows (64 queries) take 128 B, so K rows must too.
@@ -50,18 +48,12 @@ class MosaicBwdConfig:
   stagger: two kernels, warpgroup 1 starts once warpgroup 0 has issued its
     first step's wgmmas (as the forward's MosaicConfig.stagger), so their
     exp2 and dS run while the other's matmuls do.
-  consumers: dK/dV consumer warpgroups, 64 keys each: 2, or 3 (fused at d64
-    only; 160 registers a thread, as the forward's), so that two can run
-    their exp2 and dS under a third's matmuls. The consumers take dQ in
-    turns. In the last key block of a sequence that 192 does not divide,
-    consumers without keys only pass the Q/dO slots and the dS buffers on.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
   stagger: bool = False
-  consumers: int = fm.NUM_CONSUMERS
 
   @classmethod
   def default(cls, head_dim):
@@ -80,16 +72,6 @@ class MosaicBwdConfig:
                        f'{self.block_q}')
     if self.fused and self.stagger:  # dQ's dS exchange meets every step
       raise ValueError('stagger is for the two-kernel backward')
-    if self.consumers not in fm.CONSUMER_REGS:
-      raise ValueError(f'consumers must be one of {tuple(fm.CONSUMER_REGS)}, '
-                       f'got {self.consumers}')
-    if self.consumers != fm.NUM_CONSUMERS and not self.fused:
-      raise ValueError('three consumers are for the fused backward')
-
-  @property
-  def keys_per_cta(self):
-    """Keys per dK/dV CTA."""
-    return fm.ROWS_WG * self.consumers
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -111,18 +93,18 @@ def _load_own(wg, src, copies):
   return mine
 
 
-def _add_to_gmem(x, dst, smem_ref, bar, buffers, interpret):
-  """dst += x (float32 registers) through smem_ref, one of `buffers` taken
-  in turn, with a TMA reduce-add. The interpreter has no reduce-add: there a
-  load, add and store stand in (it runs CTAs one after another, and a CTA's
-  own adds touch distinct tiles, so that is exact)."""
+def _add_to_gmem(x, dst, smem_ref, bar, interpret):
+  """dst += x (float32 registers) through smem_ref with a TMA reduce-add.
+  The interpreter has no reduce-add: there a load, add and store stand in
+  (it runs CTAs one after another, and a CTA's own adds touch distinct
+  tiles, so that is exact)."""
   if interpret:
     plgpu.wait_smem_to_gmem(0)
     plgpu.copy_gmem_to_smem(dst, smem_ref, bar)
     plgpu.barrier_wait(bar)
     x = x + smem_ref[...]
-  else:  # the reduce that last used smem_ref has read it
-    plgpu.wait_smem_to_gmem(buffers - 1, wait_read_only=True)
+  else:  # smem_ref is one of two buffers: the reduce before last read it
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
   smem_ref[...] = x
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(smem_ref, dst,
@@ -130,7 +112,7 @@ def _add_to_gmem(x, dst, smem_ref, bar, buffers, interpret):
 
 
 def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
-                   active, sm_scale, causal_offset, config, interpret):
+                   sm_scale, causal_offset, config, interpret):
   q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref = refs
   (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, stage, ds_smem,
    dq_smem) = smem
@@ -156,28 +138,21 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   # right behind dK; d64: one part, the consumers take turns after the step.
   part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
 
-  def ready(step):
-    """The ds_ready barrier of `step`: its reader's (with turns a waiter
-    must wait in every phase of a barrier, so one per consumer; else one
-    per dS buffer)."""
-    return ds_ready.at[lax.rem(step, 2) if part_per_consumer
-                       else lax.rem(step, active)]
-
   def share_ds(step, ds_t):
-    """Fused: this consumer's dS^T to the tile all read dQ from."""
+    """Fused: this consumer's dS^T to the tile both read dQ from."""
     buf = lax.rem(step, 2)
     plgpu.barrier_wait(ds_free.at[buf])  # its readers two steps back are done
     ds_smem.at[buf, wg][...] = ds_t
     plgpu.commit_smem()
-    plgpu.barrier_arrive(ready(step))
+    plgpu.barrier_arrive(ds_ready.at[buf])
 
   def dq_part(step, part, acc_ref):
     """dQ of the step's query rows, columns of `part`, against all the CTA's
     keys (both consumers' dS^T); waits for every wgmma in flight."""
     buf = lax.rem(step, 2)
-    plgpu.barrier_wait(ready(step))
+    plgpu.barrier_wait(ds_ready.at[buf])
     cols = pl.ds(part * DQ_COLS, DQ_COLS)
-    for w in range(config.consumers):
+    for w in range(fm.NUM_CONSUMERS):
       plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
     dq = acc_ref[...]
     plgpu.barrier_arrive(ds_free.at[buf])
@@ -185,24 +160,20 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
 
   def dq_of(step, part):
     """dQ_part of `step`'s query rows reduce-added into dq_ref, through
-    this consumer's dQ buffers in turn (d64: it computes every active-th
-    step's, so the step's parity could always pick the same buffer)."""
+    this consumer's dQ buffers in turn (d64: it computes every other
+    step's, so the step's parity would always pick the same buffer)."""
     dq = pl.run_scoped(functools.partial(dq_part, step, part),
                        plgpu.ACC((bq, DQ_COLS), jnp.float32))
     h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
     dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
-    buffers = dq_smem.shape[1]
-    buf = lax.rem(step if part_per_consumer else lax.div(step, active),
-                  buffers)
+    buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
     _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
-                 None if dq_bar is None else dq_bar.at[wg], buffers,
-                 interpret)
+                 None if dq_bar is None else dq_bar.at[wg], interpret)
 
   def dq_turn(step):
-    """d64: the consumer whose turn it is (of the `active` ones, with keys)
-    computes the one part; the others free the buffer at once (ds_free
-    wants every consumer)."""
-    mine = lax.rem(step, active) == wg
+    """d64: the consumer whose turn it is computes the one part; the other
+    frees the buffer at once (ds_free wants both)."""
+    mine = lax.rem(step, 2) == wg
     pl.when(mine)(functools.partial(dq_of, step, 0))
     pl.when(jnp.logical_not(mine))(functools.partial(
         plgpu.barrier_arrive, ds_free.at[lax.rem(step, 2)]))
@@ -252,13 +223,11 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
         plgpu.wgmma(dv_ref, fm.stage_lhs(p16_t, stage), do_smem.at[slot])
       with jax.named_scope('wait_dp'):
         dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
-      # With dQ in the step or 160 registers, dS from the bf16 P: the
-      # float32 P then dies before dS is built (without this, ptxas spilled
-      # at d128).
+      # With dQ in the step, dS from the bf16 P: the float32 P then dies
+      # before dS is built (without this, ptxas spilled at d128).
       with jax.named_scope('ds'):
         ds_t = grad_scores(slot, p16_t.astype(jnp.float32)
-                           if part_per_consumer or config.consumers > 2
-                           else p_t, dp_t)
+                           if part_per_consumer else p_t, dp_t)
       if config.fused:
         with jax.named_scope('share_ds'):
           share_ds(step, ds_t)
@@ -308,35 +277,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_idle(smem, bars, *, wg, steps, active, config):
-  """A consumer whose keys lie past seq_kv (three consumers, dQ in turns):
-  its K tile and dS^T buffers zeroed (the others' dQ wgmmas read them), then
-  per step it frees the Q/dO slot once filled and passes the dS buffer on,
-  so every barrier's phases stay in step."""
-  k_smem, ds_smem = smem[0], smem[7]
-  q_ready, free, ds_ready, ds_free = bars[2], bars[6], bars[7], bars[8]
-  k_smem.at[wg][...] = fm.wgmma_full(k_smem.shape[1:], 0.0).astype(
-      k_smem.dtype)
-  for buf in range(2):
-    ds_smem.at[buf, wg][...] = fm.wgmma_full(ds_smem.shape[2:], 0.0).astype(
-        ds_smem.dtype)
-  plgpu.commit_smem()
-  for buf in range(2):
-    plgpu.barrier_arrive(ds_free.at[buf])
-
-  @pl.loop(0, steps)
-  def _(step):
-    slot, buf = lax.rem(step, config.num_stages), lax.rem(step, 2)
-    plgpu.barrier_wait(q_ready.at[slot])
-    plgpu.barrier_arrive(free.at[slot])
-    plgpu.barrier_wait(ds_free.at[buf])
-    plgpu.barrier_arrive(ds_ready.at[lax.rem(step, active)])
-    plgpu.barrier_arrive(ds_free.at[buf])
-
-  for buf in range(2):  # observe the last frees too, as the others do
-    plgpu.barrier_wait(ds_free.at[buf])
-
-
 def _step_rows(step, kv_h, group, lo, per_head, block_q):
   """(q head, query rows) of a dK/dV CTA's step: per_head query blocks from
   block lo of each of its kv head's `group` q heads in turn."""
@@ -344,16 +284,16 @@ def _step_rows(step, kv_h, group, lo, per_head, block_q):
   return h, pl.ds((lo + lax.rem(step, per_head)) * block_q, block_q)
 
 
-def _q_range(k_start, block_q, seq_q, causal_offset, keys):
+def _q_range(k_start, block_q, seq_q, causal_offset):
   """(lo, first_full, num_q): query blocks [lo, num_q) see some key of the
-  CTA's `keys` keys from k_start (blocks above the causal diagonal are
+  CTA's BLOCK_K keys from k_start (blocks above the causal diagonal are
   skipped); [first_full, num_q) see all of them, unmasked."""
   num_q = seq_q // block_q
   if causal_offset is None:
     return 0, 0, num_q
   lo = jnp.clip(lax.div(jnp.maximum(k_start - causal_offset, 0), block_q), 0,
                 num_q)
-  last_k = k_start + keys - 1 - causal_offset
+  last_k = k_start + BLOCK_K - 1 - causal_offset
   first_full = jnp.clip(
       lax.div(jnp.maximum(last_k, 0) + block_q - 1, block_q), lo, num_q)
   return lo, first_full, num_q
@@ -368,32 +308,20 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   causal_offset = seq_kv - seq_q if causal else None
   kv_h, b = lax.axis_index('h'), lax.axis_index('b')
-  consumers = config.consumers
-  k_start = lax.axis_index('k') * config.keys_per_cta
-  q_range = _q_range(k_start, config.block_q, seq_q, causal_offset,
-                     config.keys_per_cta)
+  k_start = lax.axis_index('k') * BLOCK_K
+  q_range = _q_range(k_start, config.block_q, seq_q, causal_offset)
   wg = lax.axis_index('wg')
-  work = functools.partial(
-      _dkdv_consumer, (q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem,
-      bars, wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
-      group=group, sm_scale=scale_ref[0], causal_offset=causal_offset,
-      config=config, interpret=interpret)
 
-  @pl.when(wg < consumers)
+  @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
-    plgpu.set_max_registers(fm.CONSUMER_REGS[consumers], action='increase')
-    if consumers == fm.NUM_CONSUMERS:  # seq_kv is a multiple of 128 keys
-      work(active=consumers)
-      return
-    # Three: the last key block may hold 64 or 128 keys.
-    active = jnp.minimum(lax.div(seq_kv - k_start, fm.ROWS_WG), consumers)
-    pl.when(wg < active)(functools.partial(work, active=active))
-    lo, _, num_q = q_range
-    pl.when(wg >= active)(functools.partial(
-        _dkdv_idle, smem, bars, wg=wg, steps=group * (num_q - lo),
-        active=active, config=config))
+    plgpu.set_max_registers(CONSUMER_REGS, action='increase')
+    _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
+                   wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
+                   group=group, sm_scale=scale_ref[0],
+                   causal_offset=causal_offset, config=config,
+                   interpret=interpret)
 
-  @pl.when(wg == consumers)
+  @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(fm.PRODUCER_REGS, action='decrease')
     _, _, q_smem, do_smem, lse2_smem, delta_smem, *_ = smem
@@ -533,9 +461,6 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
     raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
                      f'got {q.shape[3]}')
-  if config.consumers != fm.NUM_CONSUMERS and q.shape[3] != 64:
-    raise ValueError('three consumers in the backward need head_dim 64, got '
-                     f'{q.shape[3]}')
   return _flash_bwd(q, k, v, o, lse, do, dlse, fm.scale_input(sm_scale),
                     causal=causal, interpret=interpret, config=config)
 
@@ -556,59 +481,54 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
     delta = delta - dlse.astype(jnp.float32)
   lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * fm.LOG2E)
   interpret = fm.interpret_params(interpret)
+  wg_tile = (fm.NUM_CONSUMERS, fm.ROWS_WG, head_dim)
   kwargs = dict(causal=causal, group=group, config=config)
-  # By consumer count n: the dK/dV kernel has config.consumers, the dQ
-  # kernel two.
-  wg_tile = lambda n: fm.smem((n, fm.ROWS_WG, head_dim), dtype)
-  mesh = lambda n: dict(num_threads=n + 1, thread_name='wg',
-                        compiler_params=fm.COMPILER_PARAMS,
-                        interpret=interpret)
-  per_wg = lambda n: plgpu.Barrier(num_barriers=n)
+  mesh = dict(num_threads=fm.NUM_CONSUMERS + 1, thread_name='wg',
+              compiler_params=fm.COMPILER_PARAMS,
+              interpret=interpret)
+  per_wg = plgpu.Barrier(num_barriers=fm.NUM_CONSUMERS)
   per_stage = plgpu.Barrier(num_barriers=stages)
-  freed = lambda n: plgpu.Barrier(num_arrivals=n, num_barriers=stages)
+  freed = plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=stages)
   meeting = (plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS) if config.stagger
              else None)
 
-  def staging(n, cols):
+  def staging(cols):
     # The interpreter's wgmma reads A only from smem; on the GPU, P and dS
     # go from registers.
-    return fm.smem((n, fm.ROWS_WG, cols), dtype) if interpret else None
+    return (fm.smem((fm.NUM_CONSUMERS, fm.ROWS_WG, cols), dtype)
+            if interpret else None)
 
-  fused, n = config.fused, config.consumers
+  fused = config.fused
   # Fused: dQ accumulates in float32 in place (a mutable ref: the kernel's
   # reduce-adds land in this zeroed buffer).
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32)) if fused else None
-  # Each consumer's dQ buffers: two (a reduce-add in flight reads one while
-  # the next part is written to the other); with three consumers taking dQ
-  # in turns, one: the reduce three steps back has read it, and two more
-  # would not fit in the shared memory.
-  dq_buffers = 2 if n == fm.NUM_CONSUMERS else 1
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, interpret=interpret is not None,
                         **kwargs),
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
                 jax.ShapeDtypeStruct(v.shape, dtype)),
       scratch_types=[
-          wg_tile(n), wg_tile(n),  # K, V; dK, dV
+          fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # K, V; dK, dV
           fm.smem((stages, bq, head_dim), dtype),  # Q
           fm.smem((stages, bq, head_dim), dtype),  # dO
           plgpu.SMEM((stages, bq), jnp.float32),  # lse2
           plgpu.SMEM((stages, bq), jnp.float32),  # delta
-          staging(n, bq),
-          # Fused: dS^T of every consumer, two turns; each one's dQ parts.
-          fm.smem((2, n, fm.ROWS_WG, bq), dtype) if fused else None,
-          fm.smem((n, dq_buffers, bq, DQ_COLS), jnp.float32)
+          staging(bq),
+          # Fused: dS^T of both consumers, two turns; each one's dQ tile.
+          fm.smem((2, fm.NUM_CONSUMERS, fm.ROWS_WG, bq), dtype)
           if fused else None,
-          per_wg(n), per_wg(n), per_stage, per_stage, per_stage, per_stage,
-          freed(n),
-          plgpu.Barrier(num_arrivals=n, num_barriers=n),  # ds_ready
-          # ds_free: every consumer done with the buffer.
-          plgpu.Barrier(num_arrivals=n, num_barriers=2),
-          per_wg(n) if fused and interpret else None,
+          # Fused: each consumer's dQ parts, two buffers (a reduce-add in
+          # flight reads one while the next part is written to the other).
+          fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
+          if fused else None,
+          per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
+          plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
+          # ds_free: both consumers done with the buffer.
+          plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
+          per_wg if fused and interpret else None,
           meeting],
-      grid=(kv_heads, pl.cdiv(seq_kv, config.keys_per_cta), batch),
-      grid_names=('h', 'k', 'b'),
-      **mesh(n),
+      grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
+      **mesh,
   )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))
   if fused:
     return (jax.freeze(dq_acc) * scale[0]).astype(dtype), dk, dv
@@ -618,13 +538,12 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
                         **kwargs),
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=[
-          wg_tile(2), wg_tile(2),  # Q then dQ, dO
+          fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # Q then dQ, dO
           fm.smem((stages, bk, head_dim), dtype),  # K
           fm.smem((stages, bk, head_dim), dtype),  # V
-          staging(2, bk),
-          per_wg(2), per_wg(2), per_stage, per_stage, freed(2), freed(2),
-          meeting],
+          staging(bk),
+          per_wg, per_wg, per_stage, per_stage, freed, freed, meeting],
       grid=(heads, seq_q // fm.BLOCK_Q, batch), grid_names=('h', 'q', 'b'),
-      **mesh(2),
+      **mesh,
   )(q, k, v, do, lse2, delta, scale)
   return dq, dk, dv

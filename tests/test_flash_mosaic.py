@@ -146,7 +146,6 @@ BWD_CASES = [
 
 
 FUSED = MosaicBwdConfig(fused=True)
-FUSED_C3 = MosaicBwdConfig(fused=True, consumers=3)  # d64 only
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
@@ -154,13 +153,6 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (Case(1, 384, 256, 4, 2, 64, True), FUSED),          # no-key rows, GQA
     (Case(1, 384, 256, 4, 2, 64, True),
      MosaicBwdConfig(num_stages=3, fused=True)),          # the same, 3 stages
-    # Three consumers (192 keys a CTA): a last block with one consumer with
-    # keys, causal GQA; with two, and no-key rows, MQA, fp16; full blocks,
-    # 3 stages.
-    (Case(1, 256, 256, 4, 2, 64, True), FUSED_C3),
-    (Case(1, 384, 128, 2, 1, 64, True, jnp.float16), FUSED_C3),
-    (Case(1, 256, 384, 2, 2, 64, False),
-     MosaicBwdConfig(num_stages=3, fused=True, consumers=3)),
     # dQ kernel: 5 key steps through 3 stages.
     (Case(1, 128, 640, 2, 1, 80, True),
      MosaicBwdConfig(block_k=128, num_stages=3)),
@@ -182,7 +174,6 @@ def _bwd_config_id(config):
   return ((f'_fused_s{config.num_stages}' if config.fused else
            f'_dq_k{config.block_k}_s{config.num_stages}') +
           (f'_q{config.block_q}' if config.block_q != 64 else '') +
-          (f'_c{config.consumers}' if config.consumers != 2 else '') +
           ('_stagger' if config.stagger else ''))
 
 
@@ -229,13 +220,12 @@ def test_fwd_interpret_no_races(config):
 
 
 @pytest.mark.parametrize('head_dim,config', [
-    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True)),
-    (64, FUSED_C3)], ids=['d64', 'd128', 'd64_s3', 'd64_c3'])
+    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True))],
+                         ids=['d64', 'd128', 'd64_s3'])
 def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
-  writes its dS^T, all read them (d128: a dQ half each every step; d64:
-  in turns; also with 3 stages, and with three consumers, the last block's
-  third without keys), two buffers guarded by
+  writes its dS^T, both read them (d128: a dQ half each every step; d64:
+  in turns; also with 3 stages at d64), two buffers guarded by
   ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
   no TMA reduce-add, and its stand-in (load, add, store; exact as CTAs run
   one after another) is seen racing with the same tile's add from another
@@ -376,7 +366,6 @@ def test_variants_lower_for_sm90(head_dim, causal):
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
-           ([FUSED_C3] if head_dim == 64 else []) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -431,15 +420,6 @@ def test_fused_needs_head_dim_64_or_128():
         interpret=False, config=FUSED), q, lse)
   with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
     MosaicBwdConfig(block_q=128, fused=True)
-  with pytest.raises(ValueError, match='three consumers are for the fused'):
-    MosaicBwdConfig(consumers=3)
-  with pytest.raises(ValueError, match=r'consumers must be one of \(2, 3\)'):
-    MosaicBwdConfig(fused=True, consumers=4)
-  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
-  with pytest.raises(ValueError, match='three consumers in the backward need'):
-    _lowered_for_sm90(lambda q, lse: flash_mosaic_vjp.flash_bwd(
-        q, q, q, q, lse, q, None, sm_scale=0.1, causal=False,
-        interpret=False, config=FUSED_C3), q, lse)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -614,7 +594,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=TWO_KERNELS),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
-    fa.MosaicTuning(bwd=FUSED_C3),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True)),
 ]
@@ -627,8 +606,8 @@ GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
 
 
 def _variant_runs(case, tuning):
-  """The fused backward runs at its head dims only, with 3 stages or
-  three consumers at d64 only; the dQ kernel's 3 stages fit below d128;
+  """The fused backward runs at its head dims only, with 3 stages at d64
+  only; the dQ kernel's 3 stages fit below d128;
   three consumers run up to d96 (their 160 registers spill more above)."""
   bwd = tuning.bwd
   if tuning.fwd is not None and tuning.fwd.consumers == 3:
@@ -637,8 +616,7 @@ def _variant_runs(case, tuning):
     return True
   if bwd.fused:
     return (case.head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS and
-            (bwd.num_stages <= 2 and bwd.consumers == 2 or
-             case.head_dim <= 64))
+            (bwd.num_stages <= 2 or case.head_dim <= 64))
   return bwd.num_stages <= 2 or case.head_dim <= 96
 
 
