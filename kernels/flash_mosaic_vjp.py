@@ -54,6 +54,7 @@ class MosaicBwdConfig:
   num_stages: int = 2
   fused: bool = False
   stagger: bool = False
+  dq_inline: bool = False  # A/B knob: d64's dQ turn inside the step
 
   @classmethod
   def default(cls, head_dim):
@@ -237,6 +238,9 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       if part_per_consumer:
         with jax.named_scope('dq'):
           dq_of(step, wg)
+      elif config.fused and config.dq_inline:
+        with jax.named_scope('dq'):
+          dq_turn(step)
       with jax.named_scope('wait_dk_dv'):
         return (fm.read_acc(dk_ref, dk, interpret),
                 fm.read_acc(dv_ref, dv, interpret))
@@ -247,7 +251,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
         plgpu.ACC(st_shape, jnp.float32), plgpu.ACC(o_shape, jnp.float32),
         plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
-    if config.fused and not part_per_consumer:
+    if config.fused and not part_per_consumer and not config.dq_inline:
       with jax.named_scope('dq'):
         dq_turn(step)
     return dk, dv
