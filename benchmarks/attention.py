@@ -299,8 +299,7 @@ def mosaic_variants(head_dim):
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
-      bwd += [MosaicBwdConfig(num_stages=3, fused=True),
-              MosaicBwdConfig(fused=True, dq_inline=True)]
+      bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
           [('bwd', MosaicTuning(bwd=c)) for c in bwd])
 
@@ -316,8 +315,7 @@ def describe_mosaic(part, tuning):
             f'{f" c{c.consumers}" if c.consumers != 2 else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
-          f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
-          f'{" inline" if c.dq_inline else ""}')
+          f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):

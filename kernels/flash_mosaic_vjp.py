@@ -54,7 +54,6 @@ class MosaicBwdConfig:
   num_stages: int = 2
   fused: bool = False
   stagger: bool = False
-  dq_inline: bool = False  # A/B knob: d64's dQ turn inside the step
 
   @classmethod
   def default(cls, head_dim):
@@ -135,8 +134,10 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   per_head = num_q - lo
 
   parts = head_dim // DQ_COLS
-  # d128: two dQ parts, one per consumer every step, issued inside the step
-  # right behind dK; d64: one part, the consumers take turns after the step.
+  # d128: two dQ parts, one per consumer every step; d64: one part, the
+  # consumers take turns. Issued inside the step right behind dK, so one
+  # wait drains dK, dV and dQ (at d64 1-2% less time than a turn after the
+  # step, 2026-12-04).
   part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
 
   def share_ds(step, ds_t):
@@ -199,8 +200,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   def body(masked, g, i, carry):
     """S^T and dP^T issued back to back; P^T computed while dP^T runs, dS^T
     while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
-    accumulators, so no second register tile). d128 fused: the dQ half
-    right behind dK."""
+    accumulators, so no second register tile). Fused: the dQ part right
+    behind dK."""
     dk, dv = carry
     step = g * per_head + i - lo
     slot = lax.rem(step, stages)
@@ -235,12 +236,12 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
       with jax.named_scope('issue_dk'):
         fm.seed_acc(dk_ref, dk, interpret)
         plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
-      if part_per_consumer:
+      if config.fused:
         with jax.named_scope('dq'):
-          dq_of(step, wg)
-      elif config.fused and config.dq_inline:
-        with jax.named_scope('dq'):
-          dq_turn(step)
+          if part_per_consumer:
+            dq_of(step, wg)
+          else:
+            dq_turn(step)
       with jax.named_scope('wait_dk_dv'):
         return (fm.read_acc(dk_ref, dk, interpret),
                 fm.read_acc(dv_ref, dv, interpret))
@@ -251,9 +252,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
         plgpu.ACC(st_shape, jnp.float32), plgpu.ACC(o_shape, jnp.float32),
         plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
-    if config.fused and not part_per_consumer and not config.dq_inline:
-      with jax.named_scope('dq'):
-        dq_turn(step)
     return dk, dv
 
   def head(g, carry):
