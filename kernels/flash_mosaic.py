@@ -77,9 +77,8 @@ class MosaicConfig:
   consumers: consumer warpgroups, 2 or 3 (64 query rows each; 3 have 160
     registers a thread, not 240): with three, two softmaxes can run under a
     third's matmuls (FA3's 192-row tiles at d64; at d80 and d96 with some
-    spills). The last query block of a
-    sequence that 192 does not divide has consumers with no rows: they only
-    pass the K/V slots on.
+    spills). The last query block of a sequence that 192 does not divide
+    has consumers with no rows: they only pass the K/V slots on.
   """
 
   block_k: int = 128

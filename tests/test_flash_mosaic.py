@@ -607,8 +607,8 @@ GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
 
 def _variant_runs(case, tuning):
   """The fused backward runs at its head dims only, with 3 stages at d64
-  only; the dQ kernel's 3 stages fit below d128;
-  three consumers run up to d96 (their 160 registers spill more above)."""
+  only; the dQ kernel's 3 stages fit below d128; three consumers run up to
+  d96 (their 160 registers spill more above)."""
   bwd = tuning.bwd
   if tuning.fwd is not None and tuning.fwd.consumers == 3:
     return case.head_dim <= 96
