@@ -36,7 +36,11 @@ from kernels import flash_mosaic
 from kernels.flash_attention import flash_attention_bwd, flash_attention_fwd
 # pylint: enable=g-import-not-at-top
 
-ROLES = ('consumer 0', 'consumer 1', 'producer')
+
+
+def roles(consumers):
+  """A CTA's warpgroups in order: the consumers, then the producer."""
+  return tuple(f'consumer {w}' for w in range(consumers)) + ('producer',)
 
 
 def region_times(events):
@@ -58,7 +62,7 @@ def region_times(events):
   return totals, span
 
 
-def summarize(trace, warpgroups=len(ROLES)):
+def summarize(trace, consumers=2):
   """Per role: {region: mean share of the warpgroup's span}, mean span in
   clocks and the number of CTAs recorded."""
   by_tid = collections.defaultdict(list)
@@ -67,7 +71,7 @@ def summarize(trace, warpgroups=len(ROLES)):
   shares = collections.defaultdict(lambda: collections.defaultdict(list))
   spans = collections.defaultdict(list)
   for tid, events in by_tid.items():
-    role = ROLES[(tid - 1) % warpgroups]
+    role = roles(consumers)[(tid - 1) % (consumers + 1)]
     totals, span = region_times(events)
     if span <= 0:
       continue
@@ -75,7 +79,7 @@ def summarize(trace, warpgroups=len(ROLES)):
     for name, clocks in totals.items():
       shares[role][name].append(clocks / span)
   out = {}
-  for role in ROLES:
+  for role in roles(consumers):
     if not spans[role]:
       continue
     n = len(spans[role])
@@ -86,7 +90,7 @@ def summarize(trace, warpgroups=len(ROLES)):
   return out
 
 
-def timeline(trace, events_per_wg=40):
+def timeline(trace, consumers=2, events_per_wg=40):
   """The first CTA's consumers, first events, merged in time order: (clock
   from the CTA's start, role, B/E, region)."""
   by_tid = collections.defaultdict(list)
@@ -95,7 +99,7 @@ def timeline(trace, events_per_wg=40):
   first = min(by_tid)
   rows = []
   for tid in (first, first + 1):
-    role = ROLES[(tid - 1) % len(ROLES)]
+    role = roles(consumers)[(tid - 1) % (consumers + 1)]
     rows += [(e['ts'], role, e['ph'], e['name'])
              for e in by_tid.get(tid, [])[:events_per_wg]]
   rows.sort(key=lambda row: row[0])  # stable: nested edges keep their order
@@ -172,14 +176,22 @@ def main():
         raise
       space //= 2
       print(f'shared memory short: {space} ranges per warpgroup')
+  # Warpgroups a CTA: the forward's consumers (three in some defaults and
+  # variants) plus the producer; both backward kernels have two consumers.
+  consumers = 2
+  if args.part == 'fwd':
+    consumers = (tuning.fwd if tuning and tuning.fwd else
+                 flash_mosaic.MosaicConfig.default(
+                     shape.head_dim, args.causal, shape.seq)).consumers
   report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 shape=shape.name, causal=args.causal, part=args.part,
                 variant=args.variant or 'default', space=space, kernels=[])
   for path in paths:
     with open(path) as f:
       trace = json.load(f)
-    kernel = dict(trace=os.path.basename(path), roles=summarize(trace),
-                  timeline=timeline(trace))
+    kernel = dict(trace=os.path.basename(path),
+                  roles=summarize(trace, consumers),
+                  timeline=timeline(trace, consumers))
     report['kernels'].append(kernel)
     print(f'== {kernel["trace"]}')
     for role, s in kernel['roles'].items():

@@ -265,6 +265,12 @@ def test_kernel_profile_shares_exclude_nested_regions():
   assert kernel_profile.timeline(dict(traceEvents=events))[:3] == [
       (0, 'consumer 0', 'B', 'qk'), (0, 'consumer 0', 'B', 'meet'),
       (0, 'consumer 1', 'B', 'qk')]
+  # Three consumers (4 warpgroups a CTA): tid 3 is consumer 2, tid 4 the
+  # producer.
+  three = kernel_profile.summarize(dict(traceEvents=events), consumers=3)
+  assert three['consumer 2']['span_clocks'] == pytest.approx(200)
+  assert three['producer']['span_clocks'] == pytest.approx(2000)
+  assert three['consumer 0']['ctas'] == 1
 
 
 def test_attention_sweep_times_chosen_variants_in_rounds(monkeypatch):
