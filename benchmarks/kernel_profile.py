@@ -37,7 +37,6 @@ from kernels.flash_attention import flash_attention_bwd, flash_attention_fwd
 # pylint: enable=g-import-not-at-top
 
 
-
 def roles(consumers):
   """A CTA's warpgroups in order: the consumers, then the producer."""
   return tuple(f'consumer {w}' for w in range(consumers)) + ('producer',)
@@ -70,8 +69,9 @@ def summarize(trace, consumers=2):
     by_tid[event['tid']].append(event)
   shares = collections.defaultdict(lambda: collections.defaultdict(list))
   spans = collections.defaultdict(list)
+  names = roles(consumers)
   for tid, events in by_tid.items():
-    role = roles(consumers)[(tid - 1) % (consumers + 1)]
+    role = names[(tid - 1) % len(names)]
     totals, span = region_times(events)
     if span <= 0:
       continue
@@ -79,7 +79,7 @@ def summarize(trace, consumers=2):
     for name, clocks in totals.items():
       shares[role][name].append(clocks / span)
   out = {}
-  for role in roles(consumers):
+  for role in names:
     if not spans[role]:
       continue
     n = len(spans[role])
@@ -97,9 +97,9 @@ def timeline(trace, consumers=2, events_per_wg=40):
   for event in trace['traceEvents']:
     by_tid[event['tid']].append(event)
   first = min(by_tid)
-  rows = []
+  rows, names = [], roles(consumers)
   for tid in (first, first + 1):
-    role = roles(consumers)[(tid - 1) % (consumers + 1)]
+    role = names[(tid - 1) % len(names)]
     rows += [(e['ts'], role, e['ph'], e['name'])
              for e in by_tid.get(tid, [])[:events_per_wg]]
   rows.sort(key=lambda row: row[0])  # stable: nested edges keep their order
