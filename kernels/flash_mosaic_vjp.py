@@ -31,9 +31,11 @@ CONSUMER_REGS = fm.CONSUMER_REGS[fm.NUM_CONSUMERS]
 FUSED_HEAD_DIMS = (64, 128)
 DQ_COLS = 64  # fused dQ is computed and reduced in parts of 64 columns
 # MosaicBwdConfig.dq_warpgroup: (consumer, dQ warpgroup) registers; with
-# the producer's 24, 2 x 216 + 56 + 24 = 4 x 128, the register file's share
-# of four warpgroups.
-DQ_WG_REGS = (216, 56)
+# the producer's 24, 2 x 208 + 72 + 24 = 4 x 128, the register file's share
+# of four warpgroups. With 56 for the dQ warpgroup, ptxas ignored
+# set_max_registers (C7507) and every warpgroup spilled; 200 and 88 lost
+# 1-8% to 208 and 72 (H200, 2026-12-04).
+DQ_WG_REGS = (208, 72)
 
 
 @dataclasses.dataclass(frozen=True)
