@@ -325,7 +325,8 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
   `names` only, if given), after checking it (forward and backward) against
   the f32 reference; cuDNN's forward and forward+backward for scale. With
   rounds > 1, every variant is timed once a round, in turn (ms: the median
-  of the rounds), so that drifts of the GPU's clocks hit all alike."""
+  of the rounds; every other round in reverse order), so that drifts of the
+  GPU's clocks hit all alike."""
   q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
   flops = fwd_flops(shape, causal)
   # The default kernels, compiled before any variant's ptxas report is taken.
@@ -357,8 +358,9 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
       record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
     record['ptxas'] = reports  # the kernels first compiled for this variant
     records.append(record)
-  for _ in range(rounds - 1):
-    for record, fn, args in timed:
+  for r in range(1, rounds):  # every other round backwards: no variant is
+    # always timed last (the third round, if the clocks drop, hits it alike)
+    for record, fn, args in (timed[::-1] if r % 2 else timed):
       record['ms_rounds'].append(time_ms(fn, args))
   for record, _, _ in timed:
     ms = statistics.median(record['ms_rounds'])

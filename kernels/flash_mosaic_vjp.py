@@ -56,7 +56,8 @@ class MosaicBwdConfig:
     exp2 and dS run while the other's matmuls do.
   dq_warpgroup: fused, with a fourth warpgroup that computes every dQ part
     from the shared dS^T and reduce-adds it, so the consumers never wait on
-    dQ (they get DQ_WG_REGS[0] registers, not 240).
+    dQ (they get DQ_WG_REGS[0] registers, not 240, and take dK's dS^T from
+    the shared tile too).
   """
   block_q: int = 64
   block_k: int = 64
@@ -252,7 +253,11 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
           share_ds(step, ds_t)
       with jax.named_scope('issue_dk'):
         fm.seed_acc(dk_ref, dk, interpret)
-        plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
+        # With a dQ warpgroup, dK's dS^T from the shared tile: no registers
+        # held while the wgmma reads them.
+        plgpu.wgmma(dk_ref, ds_smem.at[lax.rem(step, 2), wg]
+                    if config.dq_warpgroup else fm.stage_lhs(ds_t, stage),
+                    q_smem.at[slot])
       if config.fused and not config.dq_warpgroup:
         with jax.named_scope('dq'):
           if part_per_consumer:
