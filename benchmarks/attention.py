@@ -297,8 +297,7 @@ def mosaic_variants(head_dim):
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
-    bwd += [MosaicBwdConfig(fused=True),
-            MosaicBwdConfig(fused=True, dq_warpgroup=True)]
+    bwd.append(MosaicBwdConfig(fused=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
       bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
@@ -316,8 +315,7 @@ def describe_mosaic(part, tuning):
             f'{f" c{c.consumers}" if c.consumers != 2 else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
-          f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
-          f'{" dq_wg" if c.dq_warpgroup else ""}')
+          f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):

@@ -34,15 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attention as bench
 from kernels import flash_mosaic
 from kernels.flash_attention import flash_attention_bwd, flash_attention_fwd
-from kernels.flash_mosaic_vjp import MosaicBwdConfig
 # pylint: enable=g-import-not-at-top
 
 
-def roles(consumers=2, dq_warpgroup=False):
-  """A CTA's warpgroups in order: the consumers, the producer, then the
-  fused backward's dQ warpgroup if it has one."""
-  return (tuple(f'consumer {w}' for w in range(consumers)) + ('producer',) +
-          (('dq',) if dq_warpgroup else ()))
+def roles(consumers):
+  """A CTA's warpgroups in order: the consumers, then the producer."""
+  return tuple(f'consumer {w}' for w in range(consumers)) + ('producer',)
 
 
 def region_times(events):
@@ -64,14 +61,15 @@ def region_times(events):
   return totals, span
 
 
-def summarize(trace, names=roles()):
-  """Per role (names: roles()): {region: mean share of the warpgroup's
-  span}, mean span in clocks and the number of CTAs recorded."""
+def summarize(trace, consumers=2):
+  """Per role: {region: mean share of the warpgroup's span}, mean span in
+  clocks and the number of CTAs recorded."""
   by_tid = collections.defaultdict(list)
   for event in trace['traceEvents']:
     by_tid[event['tid']].append(event)
   shares = collections.defaultdict(lambda: collections.defaultdict(list))
   spans = collections.defaultdict(list)
+  names = roles(consumers)
   for tid, events in by_tid.items():
     role = names[(tid - 1) % len(names)]
     totals, span = region_times(events)
@@ -92,14 +90,14 @@ def summarize(trace, names=roles()):
   return out
 
 
-def timeline(trace, names=roles(), events_per_wg=40):
+def timeline(trace, consumers=2, events_per_wg=40):
   """The first CTA's consumers, first events, merged in time order: (clock
   from the CTA's start, role, B/E, region)."""
   by_tid = collections.defaultdict(list)
   for event in trace['traceEvents']:
     by_tid[event['tid']].append(event)
   first = min(by_tid)
-  rows = []
+  rows, names = [], roles(consumers)
   for tid in (first, first + 1):
     role = names[(tid - 1) % len(names)]
     rows += [(e['ts'], role, e['ph'], e['name'])
@@ -178,16 +176,12 @@ def main():
       space //= 2
       print(f'shared memory short: {space} ranges per warpgroup')
   # Warpgroups a CTA: the forward's consumers (three in some defaults and
-  # variants) plus the producer; both backward kernels have two consumers,
-  # and the fused one maybe a dQ warpgroup.
+  # variants) plus the producer; both backward kernels have two consumers.
+  consumers = 2
   if args.part == 'fwd':
-    names = roles((tuning.fwd if tuning and tuning.fwd else
-                   flash_mosaic.MosaicConfig.default(
-                       shape.head_dim, args.causal, shape.seq)).consumers)
-  else:
-    names = roles(dq_warpgroup=(
-        tuning.bwd if tuning and tuning.bwd else
-        MosaicBwdConfig.default(shape.head_dim)).dq_warpgroup)
+    consumers = (tuning.fwd if tuning and tuning.fwd else
+                 flash_mosaic.MosaicConfig.default(
+                     shape.head_dim, args.causal, shape.seq)).consumers
   report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 shape=shape.name, causal=args.causal, part=args.part,
                 variant=args.variant or 'default', space=space, kernels=[])
@@ -195,8 +189,8 @@ def main():
     with open(path) as f:
       trace = json.load(f)
     kernel = dict(trace=os.path.basename(path),
-                  roles=summarize(trace, names),
-                  timeline=timeline(trace, names))
+                  roles=summarize(trace, consumers),
+                  timeline=timeline(trace, consumers))
     report['kernels'].append(kernel)
     print(f'== {kernel["trace"]}')
     for role, s in kernel['roles'].items():

@@ -30,12 +30,6 @@ CONSUMER_REGS = fm.CONSUMER_REGS[fm.NUM_CONSUMERS]
 # swizzled: dS^T rows (64 queries) take 128 B, so K rows must too.
 FUSED_HEAD_DIMS = (64, 128)
 DQ_COLS = 64  # fused dQ is computed and reduced in parts of 64 columns
-# MosaicBwdConfig.dq_warpgroup: (consumer, dQ warpgroup) registers; with
-# the producer's 24, 2 x 208 + 72 + 24 = 4 x 128, the register file's share
-# of four warpgroups. With 56 for the dQ warpgroup, ptxas ignored
-# set_max_registers (C7507) and every warpgroup spilled; 200 and 88 lost
-# 1-8% to 208 and 72 (H200, 2026-12-04).
-DQ_WG_REGS = (208, 72)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,17 +48,12 @@ class MosaicBwdConfig:
   stagger: two kernels, warpgroup 1 starts once warpgroup 0 has issued its
     first step's wgmmas (as the forward's MosaicConfig.stagger), so their
     exp2 and dS run while the other's matmuls do.
-  dq_warpgroup: fused, with a fourth warpgroup that computes every dQ part
-    from the shared dS^T and reduce-adds it, so the consumers never wait on
-    dQ (they get DQ_WG_REGS[0] registers, not 240, and take dK's dS^T from
-    the shared tile too).
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
   stagger: bool = False
-  dq_warpgroup: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -83,8 +72,6 @@ class MosaicBwdConfig:
                        f'{self.block_q}')
     if self.fused and self.stagger:  # dQ's dS exchange meets every step
       raise ValueError('stagger is for the two-kernel backward')
-    if self.dq_warpgroup and not self.fused:
-      raise ValueError('dq_warpgroup is for the fused backward')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -122,16 +109,6 @@ def _add_to_gmem(x, dst, smem_ref, bar, interpret):
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(smem_ref, dst,
                           reduction_op=None if interpret else 'add')
-
-
-def _dq_cols(ds_t_smem, k_all, part, acc_ref):
-  """dQ of a step's query rows, the columns of `part`, against all the CTA's
-  keys: dS (both consumers' dS^T tiles) times K. Waits for every wgmma in
-  flight."""
-  cols = pl.ds(part * DQ_COLS, DQ_COLS)
-  for w in range(fm.NUM_CONSUMERS):
-    plgpu.wgmma(acc_ref, ds_t_smem.at[w].T, k_all.at[w, :, cols])
-  return acc_ref[...]
 
 
 def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
@@ -172,9 +149,14 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     plgpu.barrier_arrive(ds_ready.at[buf])
 
   def dq_part(step, part, acc_ref):
+    """dQ of the step's query rows, columns of `part`, against all the CTA's
+    keys (both consumers' dS^T); waits for every wgmma in flight."""
     buf = lax.rem(step, 2)
     plgpu.barrier_wait(ds_ready.at[buf])
-    dq = _dq_cols(ds_smem.at[buf], k_all, part, acc_ref)
+    cols = pl.ds(part * DQ_COLS, DQ_COLS)
+    for w in range(fm.NUM_CONSUMERS):
+      plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
+    dq = acc_ref[...]
     plgpu.barrier_arrive(ds_free.at[buf])
     return dq
 
@@ -253,12 +235,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
           share_ds(step, ds_t)
       with jax.named_scope('issue_dk'):
         fm.seed_acc(dk_ref, dk, interpret)
-        # With a dQ warpgroup, dK's dS^T from the shared tile: no registers
-        # held while the wgmma reads them.
-        plgpu.wgmma(dk_ref, ds_smem.at[lax.rem(step, 2), wg]
-                    if config.dq_warpgroup else fm.stage_lhs(ds_t, stage),
-                    q_smem.at[slot])
-      if config.fused and not config.dq_warpgroup:
+        plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
+      if config.fused:
         with jax.named_scope('dq'):
           if part_per_consumer:
             dq_of(step, wg)
@@ -283,7 +261,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     return lax.fori_loop(first_full, num_q,
                          functools.partial(body, False, g), carry)
 
-  if config.fused and not config.dq_warpgroup:  # both dS buffers start free
+  if config.fused:  # both dS buffers start free
     for buf in range(2):
       plgpu.barrier_arrive(ds_free.at[buf])
   if config.stagger:  # every dK/dV CTA has a step: its last key sees a query
@@ -298,39 +276,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[src])
   plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[src])
-  plgpu.wait_smem_to_gmem(0)
-
-
-def _dq_warpgroup(dq_ref, smem, bars, *, b, kv_h, q_range, group, config,
-                  interpret):
-  """MosaicBwdConfig.dq_warpgroup: every step's dQ, all its parts, from the
-  consumers' dS^T, reduce-added into dq_ref through two float32 buffers."""
-  k_all, ds_smem, dq_smem = smem[0], smem[7], smem[8].at[0]
-  ds_ready, ds_free, dq_bar = bars[7], bars[8], bars[9]
-  lo, _, num_q = q_range
-  per_head, bq = num_q - lo, config.block_q
-  parts = dq_ref.shape[-1] // DQ_COLS
-  for buf in range(2):  # both dS buffers start free
-    plgpu.barrier_arrive(ds_free.at[buf])
-
-  @pl.loop(0, group * per_head)
-  def _(step):
-    buf = lax.rem(step, 2)
-    with jax.named_scope('wait_ds'):
-      plgpu.barrier_wait(ds_ready.at[buf])
-    h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
-    for part in range(parts):
-      with jax.named_scope('dq'):
-        dq = pl.run_scoped(
-            functools.partial(_dq_cols, ds_smem.at[buf], k_all, part),
-            plgpu.ACC((bq, DQ_COLS), jnp.float32))
-      if part == parts - 1:  # every wgmma reading this dS^T is done
-        plgpu.barrier_arrive(ds_free.at[buf])
-      dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
-      with jax.named_scope('reduce'):
-        _add_to_gmem(dq, dst, dq_smem.at[lax.rem(step * parts + part, 2)],
-                     None if dq_bar is None else dq_bar.at[0], interpret)
-
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -369,12 +314,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   q_range = _q_range(k_start, config.block_q, seq_q, causal_offset)
   wg = lax.axis_index('wg')
 
-  dq_wg = config.dq_warpgroup
-
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
-    plgpu.set_max_registers(DQ_WG_REGS[0] if dq_wg else CONSUMER_REGS,
-                            action='increase')
+    plgpu.set_max_registers(CONSUMER_REGS, action='increase')
     _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
                    wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
                    group=group, sm_scale=scale_ref[0],
@@ -402,13 +344,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
              (fm.tma_loader(do_ref, do_smem, tile), do_ready),
              (fm.tma_loader(delta_ref, delta_smem, vec), delta_ready)]
     fm.produce([(free, loads)], group * per_head, config.num_stages)
-
-  if dq_wg:
-    @pl.when(wg == fm.NUM_CONSUMERS + 1)
-    def _():
-      plgpu.set_max_registers(DQ_WG_REGS[1], action='decrease')
-      _dq_warpgroup(dq_ref, smem, bars, b=b, kv_h=kv_h, q_range=q_range,
-                    group=group, config=config, interpret=interpret)
 
 
 def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
@@ -553,7 +488,6 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
   mesh = dict(num_threads=fm.NUM_CONSUMERS + 1, thread_name='wg',
               compiler_params=fm.COMPILER_PARAMS,
               interpret=interpret)
-  dq_wg = config.dq_warpgroup
   per_wg = plgpu.Barrier(num_barriers=fm.NUM_CONSUMERS)
   per_stage = plgpu.Barrier(num_barriers=stages)
   freed = plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=stages)
@@ -585,21 +519,18 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           # Fused: dS^T of both consumers, two turns; each one's dQ tile.
           fm.smem((2, fm.NUM_CONSUMERS, fm.ROWS_WG, bq), dtype)
           if fused else None,
-          # Fused: each dQ writer's parts (each consumer's, or the dQ
-          # warpgroup's), two buffers (a reduce-add in flight reads one while
-          # the next part is written to the other).
-          fm.smem((1 if dq_wg else fm.NUM_CONSUMERS, 2, bq, DQ_COLS),
-                  jnp.float32) if fused else None,
+          # Fused: each consumer's dQ parts, two buffers (a reduce-add in
+          # flight reads one while the next part is written to the other).
+          fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
+          if fused else None,
           per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
-          # ds_free: every reader (both consumers, or the dQ warpgroup) done
-          # with the buffer.
-          plgpu.Barrier(num_arrivals=1 if dq_wg else fm.NUM_CONSUMERS,
-                        num_barriers=2),
+          # ds_free: both consumers done with the buffer.
+          plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           per_wg if fused and interpret else None,
           meeting],
       grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
-      **dict(mesh, num_threads=mesh['num_threads'] + dq_wg),
+      **mesh,
   )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))
   if fused:
     return (jax.freeze(dq_acc) * scale[0]).astype(dtype), dk, dv

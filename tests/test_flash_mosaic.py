@@ -153,10 +153,6 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (Case(1, 384, 256, 4, 2, 64, True), FUSED),          # no-key rows, GQA
     (Case(1, 384, 256, 4, 2, 64, True),
      MosaicBwdConfig(num_stages=3, fused=True)),          # the same, 3 stages
-    # A dQ warpgroup: GQA causal d128; no-key rows, GQA, d64.
-    (BWD_CASES[0], MosaicBwdConfig(fused=True, dq_warpgroup=True)),
-    (Case(1, 384, 256, 4, 2, 64, True),
-     MosaicBwdConfig(fused=True, dq_warpgroup=True)),
     # dQ kernel: 5 key steps through 3 stages.
     (Case(1, 128, 640, 2, 1, 80, True),
      MosaicBwdConfig(block_k=128, num_stages=3)),
@@ -178,8 +174,7 @@ def _bwd_config_id(config):
   return ((f'_fused_s{config.num_stages}' if config.fused else
            f'_dq_k{config.block_k}_s{config.num_stages}') +
           (f'_q{config.block_q}' if config.block_q != 64 else '') +
-          ('_stagger' if config.stagger else '') +
-          ('_dq_wg' if config.dq_warpgroup else ''))
+          ('_stagger' if config.stagger else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -225,10 +220,8 @@ def test_fwd_interpret_no_races(config):
 
 
 @pytest.mark.parametrize('head_dim,config', [
-    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True)),
-    (64, MosaicBwdConfig(fused=True, dq_warpgroup=True)),
-    (128, MosaicBwdConfig(fused=True, dq_warpgroup=True))],
-                         ids=['d64', 'd128', 'd64_s3', 'd64_dq_wg', 'd128_dq_wg'])
+    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True))],
+                         ids=['d64', 'd128', 'd64_s3'])
 def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
@@ -340,9 +333,9 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), three
-  consumers up to d96, the fused backward where it runs (also with a dQ
-  warpgroup) and a 3-stage dQ kernel below d128, plus 128-row dK/dV steps
-  (a setting out of the sweep); the interpreter lacks the
+  consumers up to d96, the fused
+  backward where it runs and a 3-stage dQ kernel below d128, plus 128-row
+  dK/dV steps (a setting out of the sweep); the interpreter lacks the
   accumulator store (overlap), TMA reduce-add (fused) and shared-memory
   limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
@@ -372,9 +365,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
           if head_dim <= 96]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED, MosaicBwdConfig(fused=True,
-                                                 dq_warpgroup=True)]
-                          if fused else [TWO_KERNELS]) +
+           for config in ([FUSED] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -603,7 +594,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=TWO_KERNELS),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, num_stages=3)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
-    fa.MosaicTuning(bwd=MosaicBwdConfig(fused=True, dq_warpgroup=True)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True)),
 ]

@@ -267,16 +267,10 @@ def test_kernel_profile_shares_exclude_nested_regions():
       (0, 'consumer 1', 'B', 'qk')]
   # Three consumers (4 warpgroups a CTA): tid 3 is consumer 2, tid 4 the
   # producer.
-  three = kernel_profile.summarize(dict(traceEvents=events),
-                                   kernel_profile.roles(3))
+  three = kernel_profile.summarize(dict(traceEvents=events), consumers=3)
   assert three['consumer 2']['span_clocks'] == pytest.approx(200)
   assert three['producer']['span_clocks'] == pytest.approx(2000)
   assert three['consumer 0']['ctas'] == 1
-  # The fused backward with a dQ warpgroup: it comes after the producer.
-  dq_wg = kernel_profile.summarize(dict(traceEvents=events),
-                                   kernel_profile.roles(dq_warpgroup=True))
-  assert dq_wg['dq']['span_clocks'] == pytest.approx(2000)
-  assert dq_wg['producer']['span_clocks'] == pytest.approx(200)
 
 
 def test_attention_sweep_times_chosen_variants_in_rounds(monkeypatch):
