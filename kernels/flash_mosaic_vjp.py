@@ -15,7 +15,6 @@ global lse, o and dO of a query chunk against one K/V chunk.
 """
 import dataclasses
 import functools
-import math
 
 import jax
 from jax import lax
@@ -49,16 +48,12 @@ class MosaicBwdConfig:
   stagger: two kernels, warpgroup 1 starts once warpgroup 0 has issued its
     first step's wgmmas (as the forward's MosaicConfig.stagger), so their
     exp2 and dS run while the other's matmuls do.
-  single_launch: two kernels' CTAs in one launch, the dQ ones after the
-    dK/dV ones (their shared memory aliased), so that dQ CTAs fill the dK/dV
-    kernel's last wave.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
   stagger: bool = False
-  single_launch: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -77,8 +72,6 @@ class MosaicBwdConfig:
                        f'{self.block_q}')
     if self.fused and self.stagger:  # dQ's dS exchange meets every step
       raise ValueError('stagger is for the two-kernel backward')
-    if self.fused and self.single_launch:
-      raise ValueError('single_launch is for the two-kernel backward')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -286,44 +279,6 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _bwd_kernel(*refs, parts, outs, causal, group, config, interpret):
-  """The CTAs of `parts` ((kernel, grid): 'dkdv' or 'dq') in turn on one 1-D
-  grid, each grid's first dim fastest. refs: the 7 inputs, then those of dq,
-  dk and dv named by `outs` (fused: dq is the float32 accumulator, an
-  input), then smem and barriers: each part's tuple (two parts: their smem a
-  RefUnion of both, as their lifetimes are disjoint)."""
-  ins = refs[:7]
-  out = dict(zip(outs, refs[7:-2]))
-  smem, bars = refs[-2:]
-  kw = dict(causal=causal, group=group, config=config, interpret=interpret)
-  if len(parts) == 1:
-    smem, bars = (smem,), (bars,)
-  cta, start = lax.axis_index('cta'), 0
-  for (kernel, grid), part_smem, part_bars in zip(parts, smem, bars):
-    index = _unravel(cta - start, grid)
-    if kernel == 'dkdv':
-      body = functools.partial(
-          _dkdv_cta, ins, out['dq'] if config.fused else None, out['dk'],
-          out['dv'], part_smem, part_bars, index, **kw)
-    else:
-      body = functools.partial(_dq_cta, ins, out['dq'], part_smem, part_bars,
-                               index, **kw)
-    if len(parts) == 1:
-      body()
-    else:
-      pl.when((cta >= start) & (cta < start + math.prod(grid)))(body)
-    start += math.prod(grid)
-
-
-def _unravel(i, grid):
-  """CTA i's index in `grid`, the first dim fastest (as CUDA's)."""
-  index = []
-  for n in grid[:-1]:
-    index.append(lax.rem(i, n))
-    i = lax.div(i, n)
-  return (*index, i)
-
-
 def _step_rows(step, kv_h, group, lo, per_head, block_q):
   """(q head, query rows) of a dK/dV CTA's step: per_head query blocks from
   block lo of each of its kv head's `group` q heads in turn."""
@@ -346,15 +301,16 @@ def _q_range(k_start, block_q, seq_q, causal_offset):
   return lo, first_full, num_q
 
 
-def _dkdv_cta(ins, dq_ref, dk_ref, dv_ref, smem, bars, cta, *, causal, group,
-              config, interpret):
-  """One dK/dV CTA: cta = (kv head, key block, batch row); dq_ref: fused,
-  the float32 dQ that it adds into."""
-  q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref = ins
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
+                 *refs, causal, group, config, interpret):
+  # Fused: a float32 dQ input that the kernel adds into, before the outputs.
+  dq_ref = refs[0] if config.fused else None
+  dk_ref, dv_ref, *scratch = refs[1:] if config.fused else refs
+  smem, bars = scratch[:9], scratch[9:]
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   causal_offset = seq_kv - seq_q if causal else None
-  kv_h, k_block, b = cta
-  k_start = k_block * BLOCK_K
+  kv_h, b = lax.axis_index('h'), lax.axis_index('b')
+  k_start = lax.axis_index('k') * BLOCK_K
   q_range = _q_range(k_start, config.block_q, seq_q, causal_offset)
   wg = lax.axis_index('wg')
 
@@ -464,14 +420,14 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_cta(ins, dq_ref, smem, bars, cta, *, causal, group, config,
-            interpret):
-  """One dQ CTA: cta = (q head, query block, batch row)."""
-  q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref = ins
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
+               dq_ref, *scratch, causal, group, config, interpret):
+  smem, bars = scratch[:5], scratch[5:]
   seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
   block_k = config.block_k
   causal_offset = seq_kv - seq_q if causal else None
-  h, i, b = cta
+  h, b = lax.axis_index('h'), lax.axis_index('b')
+  i = lax.axis_index('q')
   if causal:  # the longest rows first
     i = seq_q // fm.BLOCK_Q - 1 - i
   q_start = i * fm.BLOCK_Q
@@ -545,58 +501,51 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
             if interpret else None)
 
   fused = config.fused
-  dkdv_smem = (
-      fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # K, V; dK, dV
-      fm.smem((stages, bq, head_dim), dtype),  # Q
-      fm.smem((stages, bq, head_dim), dtype),  # dO
-      plgpu.SMEM((stages, bq), jnp.float32),  # lse2
-      plgpu.SMEM((stages, bq), jnp.float32),  # delta
-      staging(bq),
-      # Fused: dS^T of both consumers, two turns; each one's dQ tile.
-      fm.smem((2, fm.NUM_CONSUMERS, fm.ROWS_WG, bq), dtype)
-      if fused else None,
-      # Fused: each consumer's dQ parts, two buffers (a reduce-add in flight
-      # reads one while the next part is written to the other).
-      fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
-      if fused else None)
-  dkdv_bars = (
-      per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
-      plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
-      # ds_free: both consumers done with the buffer.
-      plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
-      per_wg if fused and interpret else None,
-      meeting)
-  dq_smem = (
-      fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # Q then dQ, dO
-      fm.smem((stages, bk, head_dim), dtype),  # K
-      fm.smem((stages, bk, head_dim), dtype),  # V
-      staging(bk))
-  dq_bars = (per_wg, per_wg, per_stage, per_stage, freed, freed, meeting)
-  dkdv = ('dkdv', (kv_heads, seq_kv // BLOCK_K, batch))
-  dq_part = ('dq', (heads, seq_q // fm.BLOCK_Q, batch))
-  q_out, k_out, v_out = (jax.ShapeDtypeStruct(x.shape, dtype)
-                         for x in (q, k, v))
-
-  def launch(parts, outs, out_type, smem, bars, *operands):
-    return plgpu.kernel(
-        functools.partial(_bwd_kernel, parts=parts, outs=outs,
-                          interpret=interpret is not None, **kwargs),
-        out_type=out_type, scratch_types=[smem, bars],
-        grid=(sum(math.prod(grid) for _, grid in parts),),
-        grid_names=('cta',), **mesh,
-    )(q, k, v, do, lse2, delta, scale, *operands)
-
+  # Fused: dQ accumulates in float32 in place (a mutable ref: the kernel's
+  # reduce-adds land in this zeroed buffer).
+  dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32)) if fused else None
+  dk, dv = plgpu.kernel(
+      functools.partial(_dkdv_kernel, interpret=interpret is not None,
+                        **kwargs),
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
+                jax.ShapeDtypeStruct(v.shape, dtype)),
+      scratch_types=[
+          fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # K, V; dK, dV
+          fm.smem((stages, bq, head_dim), dtype),  # Q
+          fm.smem((stages, bq, head_dim), dtype),  # dO
+          plgpu.SMEM((stages, bq), jnp.float32),  # lse2
+          plgpu.SMEM((stages, bq), jnp.float32),  # delta
+          staging(bq),
+          # Fused: dS^T of both consumers, two turns; each one's dQ tile.
+          fm.smem((2, fm.NUM_CONSUMERS, fm.ROWS_WG, bq), dtype)
+          if fused else None,
+          # Fused: each consumer's dQ parts, two buffers (a reduce-add in
+          # flight reads one while the next part is written to the other).
+          fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
+          if fused else None,
+          per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
+          plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
+          # ds_free: both consumers done with the buffer.
+          plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
+          per_wg if fused and interpret else None,
+          meeting],
+      grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
+      **mesh,
+  )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))
   if fused:
-    # dQ accumulates in float32 in place (a mutable ref: the kernel's
-    # reduce-adds land in this zeroed buffer).
-    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-    dk, dv = launch((dkdv,), ('dq', 'dk', 'dv'), (k_out, v_out), dkdv_smem,
-                    dkdv_bars, dq_acc)
     return (jax.freeze(dq_acc) * scale[0]).astype(dtype), dk, dv
-  if config.single_launch:
-    return launch((dkdv, dq_part), ('dq', 'dk', 'dv'), (q_out, k_out, v_out),
-                  plgpu.RefUnion(dkdv_smem, dq_smem), (dkdv_bars, dq_bars))
-  dk, dv = launch((dkdv,), ('dk', 'dv'), (k_out, v_out), dkdv_smem,
-                  dkdv_bars)
-  dq, = launch((dq_part,), ('dq',), (q_out,), dq_smem, dq_bars)
+
+  dq = plgpu.kernel(
+      functools.partial(_dq_kernel, interpret=interpret is not None,
+                        **kwargs),
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=[
+          fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # Q then dQ, dO
+          fm.smem((stages, bk, head_dim), dtype),  # K
+          fm.smem((stages, bk, head_dim), dtype),  # V
+          staging(bk),
+          per_wg, per_wg, per_stage, per_stage, freed, freed, meeting],
+      grid=(heads, seq_q // fm.BLOCK_Q, batch), grid_names=('h', 'q', 'b'),
+      **mesh,
+  )(q, k, v, do, lse2, delta, scale)
   return dq, dk, dv

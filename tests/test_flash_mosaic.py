@@ -165,11 +165,6 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], MosaicBwdConfig(block_k=128, stagger=True)),
     (Case(1, 384, 128, 2, 1, 80, True, jnp.float16),
      MosaicBwdConfig(stagger=True)),
-    # Both kernels in one launch: GQA causal; no-key rows, MQA, fp16.
-    (BWD_CASES[0],
-     MosaicBwdConfig(block_k=128, stagger=True, single_launch=True)),
-    (Case(1, 384, 128, 2, 1, 80, True, jnp.float16),
-     MosaicBwdConfig(single_launch=True)),
 ]
 
 
@@ -179,8 +174,7 @@ def _bwd_config_id(config):
   return ((f'_fused_s{config.num_stages}' if config.fused else
            f'_dq_k{config.block_k}_s{config.num_stages}') +
           (f'_q{config.block_q}' if config.block_q != 64 else '') +
-          ('_stagger' if config.stagger else '') +
-          ('_single' if config.single_launch else ''))
+          ('_stagger' if config.stagger else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -222,19 +216,6 @@ def test_fwd_interpret_no_races(config):
   flash_mosaic.flash_fwd(
       q, k, v, sm_scale=0.125, causal=True, config=config,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
-  assert not gpu_callbacks.get_races().races_found
-
-
-def test_single_launch_bwd_interpret_no_races():
-  """The race detector over both kernels' CTAs in one launch, their shared
-  memory aliased (a RefUnion): each CTA uses only its kernel's tiles."""
-  case = Case(1, 256, 256, 2, 1, 128, True)
-  q, k, v, do, _, _ = _inputs(case, jax.random.PRNGKey(8))
-  o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
-  jax.block_until_ready(flash_mosaic_vjp.flash_bwd(
-      q, k, v, o, lse, do.astype(q.dtype), None, sm_scale=0.125, causal=True,
-      config=MosaicBwdConfig(block_k=128, stagger=True, single_launch=True),
-      interpret=plgpu.InterpretGPUParams(detect_races=True)))
   assert not gpu_callbacks.get_races().races_found
 
 
@@ -389,8 +370,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
            [MosaicBwdConfig(block_q=128, block_k=128),
-            MosaicBwdConfig(block_k=128, stagger=True),
-            MosaicBwdConfig(block_k=128, stagger=True, single_launch=True)]]
+            MosaicBwdConfig(block_k=128, stagger=True)]]
     return bwd, o2, o3, o4, o5
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -422,8 +402,6 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicConfig(pingpong=True, stagger=True)
   with pytest.raises(ValueError, match='stagger is for the two-kernel'):
     MosaicBwdConfig(fused=True, stagger=True)
-  with pytest.raises(ValueError, match='single_launch is for the two-kernel'):
-    MosaicBwdConfig(fused=True, single_launch=True)
 
 
 def test_consumers_two_or_three_and_pingpong_two():
@@ -618,8 +596,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True)),
-    fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
-                                        single_launch=True)),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
