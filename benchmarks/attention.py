@@ -356,8 +356,9 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
       record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
     record['ptxas'] = reports  # the kernels first compiled for this variant
     records.append(record)
-  for r in range(1, rounds):  # every other round backwards: no variant is
-    # always timed last (the third round, if the clocks drop, hits it alike)
+  # Every other round backwards, so no variant is always timed last (in
+  # fixed order the last-timed variant's third round often ran slowest).
+  for r in range(1, rounds):
     for record, fn, args in (timed[::-1] if r % 2 else timed):
       record['ms_rounds'].append(time_ms(fn, args))
   for record, _, _ in timed:
