@@ -276,8 +276,9 @@ def test_kernel_profile_shares_exclude_nested_regions():
 def test_attention_sweep_times_chosen_variants_in_rounds(monkeypatch):
   """--sweep_mosaic --variants --rounds (an A/B): only the named variants,
   each checked against the reference, then timed once a round in turn
-  (every other round backwards); ms is the median of its rounds. On CPU the kernels run interpreted and the
-  clock is a stand-in that logs each call."""
+  (every other round backwards); ms is the median of its rounds. On CPU the
+  kernels run interpreted and the clock is a stand-in that logs each
+  call."""
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
   import attention  # pylint: disable=g-import-not-at-top
   for name in ('flash_attention', 'flash_attention_fwd',
