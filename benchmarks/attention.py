@@ -293,7 +293,8 @@ def mosaic_variants(head_dim):
                              dict(overlap=True, persistent=True,
                                   stagger=True))]
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
-         MosaicBwdConfig(block_k=128, stagger=True)]
+         MosaicBwdConfig(block_k=128, stagger=True),
+         MosaicBwdConfig(block_k=128, stagger=True, persistent=True)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
@@ -315,7 +316,8 @@ def describe_mosaic(part, tuning):
             f'{f" c{c.consumers}" if c.consumers != 2 else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
-          f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}')
+          f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
+          f'{" persistent" if c.persistent else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):

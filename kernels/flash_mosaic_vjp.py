@@ -15,6 +15,7 @@ global lse, o and dO of a query chunk against one K/V chunk.
 """
 import dataclasses
 import functools
+import math
 
 import jax
 from jax import lax
@@ -48,12 +49,19 @@ class MosaicBwdConfig:
   stagger: two kernels, warpgroup 1 starts once warpgroup 0 has issued its
     first step's wgmmas (as the forward's MosaicConfig.stagger), so their
     exp2 and dS run while the other's matmuls do.
+  persistent: two kernels, the dK/dV kernel with one CTA per SM running
+    every SM-count-th tile of 128 keys in turn (as the forward's
+    MosaicConfig.persistent): the producer streams on into the next tile,
+    and each consumer loads its next K and V (two buffers) during the
+    current tile and stores dK and dV without waiting, so a tile's
+    prologue and epilogue overlap its neighbours' work.
   """
   block_q: int = 64
   block_k: int = 64
   num_stages: int = 2
   fused: bool = False
   stagger: bool = False
+  persistent: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -72,6 +80,8 @@ class MosaicBwdConfig:
                        f'{self.block_q}')
     if self.fused and self.stagger:  # dQ's dS exchange meets every step
       raise ValueError('stagger is for the two-kernel backward')
+    if self.fused and self.persistent:
+      raise ValueError('persistent is for the two-kernel backward')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -111,19 +121,65 @@ def _add_to_gmem(x, dst, smem_ref, bar, interpret):
                           reduction_op=None if interpret else 'add')
 
 
-def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
-                   sm_scale, causal_offset, config, interpret):
-  q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref = refs
-  (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, stage, ds_smem,
+def _dkdv_consumer(refs, smem, bars, *, wg, count, tile, group, sm_scale,
+                   causal_offset, config, interpret):
+  """This consumer's part of the CTA's `count` tiles (the int 1 without
+  persistence); tile(n) is the n-th's (kv head, batch row, first key, query
+  range). Its K and V live in buffer n % buffers; persistent, the next
+  tile's load while the current one runs."""
+  _, k_ref, v_ref, *_ = refs
+  k_own, v_own, *_ = smem
+  k_bar, v_bar, *_ = bars
+  buffers = k_own.shape[0]
+
+  def own(n):  # tile n's rows of K and V, and its buffer
+    kv_h, b, k_start, _ = tile(n)
+    return (b, pl.ds(k_start + wg * fm.ROWS_WG, fm.ROWS_WG), kv_h), lax.rem(
+        n, buffers)
+
+  def load_own(n):
+    src, buf = own(n)
+    for ref, dst, bar in ((k_ref, k_own, k_bar), (v_ref, v_own, v_bar)):
+      plgpu.copy_gmem_to_smem(ref.at[src], dst.at[buf, wg],
+                              bar.at[buf * fm.NUM_CONSUMERS + wg])
+
+  def prefetch(n):
+    """Tile n + 1's K and V, once the dK/dV stores from its buffer (tile
+    n - 1's) have read it."""
+    @pl.when(n + 1 < count)
+    def _():
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      load_own(n + 1)
+
+  def run_tile(n, base):
+    src, buf = own(n)
+    for bar in (k_bar, v_bar):
+      plgpu.barrier_wait(bar.at[buf * fm.NUM_CONSUMERS + wg])
+    return _dkdv_tile(
+        refs, smem, bars, wg=wg, buf=buf, base=base, src=src, tile=tile(n),
+        prefetch=(functools.partial(prefetch, n) if buffers > 1 else None),
+        group=group, sm_scale=sm_scale, causal_offset=causal_offset,
+        config=config, interpret=interpret)
+
+  load_own(0)
+  fm.over_tiles(count, run_tile)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
+               group, sm_scale, causal_offset, config, interpret):
+  """One tile's steps, from K/V buffer buf, its step j on slot (base + j) %
+  stages; prefetch() (persistent) runs once step 0's wgmmas are in flight.
+  Returns base plus the tile's steps."""
+  q_ref, _, _, dk_ref, dv_ref, dq_ref = refs
+  (k_own, v_own, q_smem, do_smem, lse2_smem, delta_smem, stage, ds_smem,
    dq_smem) = smem
-  (k_bar, v_bar, q_ready, do_ready, lse_ready, delta_ready, free, ds_ready,
+  (_, _, q_ready, do_ready, lse_ready, delta_ready, free, ds_ready,
    ds_free, dq_bar, turn) = bars
+  kv_h, b, k_start, q_range = tile
   head_dim, dtype = q_ref.shape[-1], q_ref.dtype
   rows = k_start + wg * fm.ROWS_WG
-  src = (b, pl.ds(rows, fm.ROWS_WG), kv_h)
-  k_all = k_smem
-  k_smem, v_smem = _load_own(wg, src, [(k_ref, k_smem, k_bar),
-                                       (v_ref, v_smem, v_bar)])
+  k_all, k_smem, v_smem = k_own.at[buf], k_own.at[buf, wg], v_own.at[buf, wg]
   stage = None if stage is None else stage.at[wg]
   bq, stages = config.block_q, config.num_stages
   scale = sm_scale * fm.LOG2E
@@ -204,7 +260,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
     behind dK."""
     dk, dv = carry
     step = g * per_head + i - lo
-    slot = lax.rem(step, stages)
+    slot = lax.rem(base + step, stages)
     with jax.named_scope('wait_q'):
       plgpu.barrier_wait(q_ready.at[slot])
       plgpu.barrier_wait(do_ready.at[slot])
@@ -215,6 +271,8 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
         plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
       if config.stagger:
         pl.when((step == 0) & (wg == 0))(functools.partial(fm.meet_at, turn))
+      if prefetch is not None:
+        pl.when(step == 0)(prefetch)
       with jax.named_scope('wait_s'):
         s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
       with jax.named_scope('p'):
@@ -276,7 +334,7 @@ def _dkdv_consumer(refs, smem, bars, *, wg, b, kv_h, k_start, q_range, group,
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[src])
   plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[src])
-  plgpu.wait_smem_to_gmem(0)
+  return base + group * per_head
 
 
 def _step_rows(step, kv_h, group, lo, per_head, block_q):
@@ -307,43 +365,71 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   dq_ref = refs[0] if config.fused else None
   dk_ref, dv_ref, *scratch = refs[1:] if config.fused else refs
   smem, bars = scratch[:9], scratch[9:]
-  seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
+  batch, seq_kv, kv_heads, _ = k_ref.shape
+  seq_q = q_ref.shape[1]
   causal_offset = seq_kv - seq_q if causal else None
-  kv_h, b = lax.axis_index('h'), lax.axis_index('b')
-  k_start = lax.axis_index('k') * BLOCK_K
-  q_range = _q_range(k_start, config.block_q, seq_q, causal_offset)
+  grid = (kv_heads, seq_kv // BLOCK_K, batch)
+  if config.persistent:  # tiles cta, cta + ctas, ..., in the grid's order
+    cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
+    count = lax.div(math.prod(grid) - cta + ctas - 1, ctas)
+    index = lambda n: _unravel(cta + n * ctas, grid)
+  else:
+    count = 1
+    index = lambda n: tuple(map(lax.axis_index, ('h', 'k', 'b')))
+
+  def tile(n):  # what the consumers and the producer agree on
+    kv_h, k_block, b = index(n)
+    k_start = k_block * BLOCK_K
+    return kv_h, b, k_start, _q_range(k_start, config.block_q, seq_q,
+                                      causal_offset)
+
   wg = lax.axis_index('wg')
 
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(CONSUMER_REGS, action='increase')
     _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
-                   wg=wg, b=b, kv_h=kv_h, k_start=k_start, q_range=q_range,
-                   group=group, sm_scale=scale_ref[0],
-                   causal_offset=causal_offset, config=config,
-                   interpret=interpret)
+                   wg=wg, count=count, tile=tile, group=group,
+                   sm_scale=scale_ref[0], causal_offset=causal_offset,
+                   config=config, interpret=interpret)
 
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(fm.PRODUCER_REGS, action='decrease')
     _, _, q_smem, do_smem, lse2_smem, delta_smem, *_ = smem
     _, _, q_ready, do_ready, lse_ready, delta_ready, free, *_ = bars
-    lo, _, num_q = q_range
-    per_head, bq = num_q - lo, config.block_q
+    bq, stages = config.block_q, config.num_stages
 
-    def tile(step):
-      h, rows = _step_rows(step, kv_h, group, lo, per_head, bq)
-      return b, rows, h
+    def produce_tile(n, base):
+      kv_h, b, _, (lo, _, num_q) = tile(n)
+      per_head = num_q - lo
 
-    def vec(step):
-      h, rows = _step_rows(step, kv_h, group, lo, per_head, bq)
-      return b, h, rows
+      def rows(step):
+        h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
+        return b, q_rows, h
 
-    loads = [(fm.tma_loader(q_ref, q_smem, tile), q_ready),
-             (fm.tma_loader(lse2_ref, lse2_smem, vec), lse_ready),
-             (fm.tma_loader(do_ref, do_smem, tile), do_ready),
-             (fm.tma_loader(delta_ref, delta_smem, vec), delta_ready)]
-    fm.produce([(free, loads)], group * per_head, config.num_stages)
+      def vec(step):
+        h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
+        return b, h, q_rows
+
+      loads = [(fm.tma_loader(q_ref, q_smem, rows), q_ready),
+               (fm.tma_loader(lse2_ref, lse2_smem, vec), lse_ready),
+               (fm.tma_loader(do_ref, do_smem, rows), do_ready),
+               (fm.tma_loader(delta_ref, delta_smem, vec), delta_ready)]
+      fm.produce([(free, loads)], group * per_head, stages, base=base,
+                 drain=False)
+      return base + group * per_head
+
+    fm.drain_frees([free], fm.over_tiles(count, produce_tile), stages)
+
+
+def _unravel(i, grid):
+  """Index i of `grid`'s CTAs in launch order (the first dim fastest)."""
+  index = []
+  for n in grid[:-1]:
+    index.append(lax.rem(i, n))
+    i = lax.div(i, n)
+  return (*index, i)
 
 
 def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
@@ -504,13 +590,18 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
   # Fused: dQ accumulates in float32 in place (a mutable ref: the kernel's
   # reduce-adds land in this zeroed buffer).
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32)) if fused else None
+  # Persistent: K and V (then dK and dV) of a CTA's even and odd tiles.
+  buffers = 2 if config.persistent else 1
+  own_tile = fm.smem((buffers, *wg_tile), dtype)
+  own_bars = plgpu.Barrier(num_barriers=buffers * fm.NUM_CONSUMERS)
+  dkdv_ctas = kv_heads * (seq_kv // BLOCK_K) * batch
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, interpret=interpret is not None,
                         **kwargs),
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
                 jax.ShapeDtypeStruct(v.shape, dtype)),
       scratch_types=[
-          fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # K, V; dK, dV
+          own_tile, own_tile,  # K, V; dK, dV
           fm.smem((stages, bq, head_dim), dtype),  # Q
           fm.smem((stages, bq, head_dim), dtype),  # dO
           plgpu.SMEM((stages, bq), jnp.float32),  # lse2
@@ -523,13 +614,15 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           # flight reads one while the next part is written to the other).
           fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
           if fused else None,
-          per_wg, per_wg, per_stage, per_stage, per_stage, per_stage, freed,
-          plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
+          own_bars, own_bars, per_stage, per_stage, per_stage, per_stage,
+          freed, plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           # ds_free: both consumers done with the buffer.
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           per_wg if fused and interpret else None,
           meeting],
-      grid=(kv_heads, seq_kv // BLOCK_K, batch), grid_names=('h', 'k', 'b'),
+      grid=((min(dkdv_ctas, fm.persistent_ctas(interpret)),)
+            if config.persistent else (kv_heads, seq_kv // BLOCK_K, batch)),
+      grid_names=('cta',) if config.persistent else ('h', 'k', 'b'),
       **mesh,
   )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))
   if fused:

@@ -165,6 +165,13 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], MosaicBwdConfig(block_k=128, stagger=True)),
     (Case(1, 384, 128, 2, 1, 80, True, jnp.float16),
      MosaicBwdConfig(stagger=True)),
+    # Persistent dK/dV kernel (3 CTAs): GQA causal, 4 tiles, staggered; 8
+    # tiles of 2 batch rows, seq_q < seq_kv, fp16; no-key rows, MQA.
+    (BWD_CASES[0],
+     MosaicBwdConfig(block_k=128, stagger=True, persistent=True)),
+    (Case(2, 256, 512, 2, 1, 80, True, jnp.float16),
+     MosaicBwdConfig(block_k=128, persistent=True)),
+    (Case(1, 384, 128, 2, 1, 64, True), MosaicBwdConfig(persistent=True)),
 ]
 
 
@@ -174,7 +181,8 @@ def _bwd_config_id(config):
   return ((f'_fused_s{config.num_stages}' if config.fused else
            f'_dq_k{config.block_k}_s{config.num_stages}') +
           (f'_q{config.block_q}' if config.block_q != 64 else '') +
-          ('_stagger' if config.stagger else ''))
+          ('_stagger' if config.stagger else '') +
+          ('_persistent' if config.persistent else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -216,6 +224,20 @@ def test_fwd_interpret_no_races(config):
   flash_mosaic.flash_fwd(
       q, k, v, sm_scale=0.125, causal=True, config=config,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
+  assert not gpu_callbacks.get_races().races_found
+
+
+def test_persistent_bwd_interpret_no_races():
+  """The race detector over the persistent dK/dV kernel: 8 tiles on 3 CTAs,
+  each consumer loading a tile's K and V into the buffer whose dK and dV
+  stores (two tiles back) must have read it first."""
+  case = Case(2, 256, 512, 2, 1, 64, True)
+  q, k, v, do, _, _ = _inputs(case, jax.random.PRNGKey(8))
+  o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
+  jax.block_until_ready(flash_mosaic_vjp.flash_bwd(
+      q, k, v, o, lse, do.astype(q.dtype), None, sm_scale=0.125, causal=True,
+      config=MosaicBwdConfig(block_k=128, stagger=True, persistent=True),
+      interpret=plgpu.InterpretGPUParams(detect_races=True)))
   assert not gpu_callbacks.get_races().races_found
 
 
@@ -333,9 +355,9 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), three
-  consumers up to d96, the fused
-  backward where it runs and a 3-stage dQ kernel below d128, plus 128-row
-  dK/dV steps (a setting out of the sweep); the interpreter lacks the
+  consumers up to d96, the fused backward where it runs, a 3-stage dQ
+  kernel below d128 and the persistent dK/dV kernel (two K/V buffers), plus
+  128-row dK/dV steps (a setting out of the sweep); the interpreter lacks the
   accumulator store (overlap), TMA reduce-add (fused) and shared-memory
   limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
@@ -370,7 +392,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
            [MosaicBwdConfig(block_q=128, block_k=128),
-            MosaicBwdConfig(block_k=128, stagger=True)]]
+            MosaicBwdConfig(block_k=128, stagger=True),
+            MosaicBwdConfig(block_k=128, stagger=True, persistent=True)]]
     return bwd, o2, o3, o4, o5
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -402,6 +425,8 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicConfig(pingpong=True, stagger=True)
   with pytest.raises(ValueError, match='stagger is for the two-kernel'):
     MosaicBwdConfig(fused=True, stagger=True)
+  with pytest.raises(ValueError, match='persistent is for the two-kernel'):
+    MosaicBwdConfig(fused=True, persistent=True)
 
 
 def test_consumers_two_or_three_and_pingpong_two():
@@ -596,6 +621,8 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(num_stages=3, fused=True)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_q=128, block_k=128)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True)),
+    fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
+                                        persistent=True)),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
