@@ -49,12 +49,14 @@ class MosaicBwdConfig:
   stagger: two kernels, warpgroup 1 starts once warpgroup 0 has issued its
     first step's wgmmas (as the forward's MosaicConfig.stagger), so their
     exp2 and dS run while the other's matmuls do.
-  persistent: two kernels, the dK/dV kernel with one CTA per SM running
-    every SM-count-th tile of 128 keys in turn (as the forward's
+  persistent: two kernels, each with one CTA per SM running every
+    SM-count-th tile (128 keys, or 128 query rows) in turn (as the forward's
     MosaicConfig.persistent): the producer streams on into the next tile,
-    and each consumer loads its next K and V (two buffers) during the
-    current tile and stores dK and dV without waiting, so a tile's
-    prologue and epilogue overlap its neighbours' work.
+    and each consumer loads its next own tiles (K and V, or Q and dO; two
+    buffers) during the current tile and stores its outputs without
+    waiting, so a tile's prologue and epilogue overlap its neighbours'
+    work. At d128 the dQ kernel has room for one Q/dO buffer: a tile loads
+    its own at its start.
   """
   block_q: int = 64
   block_k: int = 64
@@ -92,15 +94,44 @@ def _row_stats(ref, dim, *, gmem=False):
                     optimized=not gmem)
 
 
-def _load_own(wg, src, copies):
-  """A consumer's own tiles, loaded once: copies [(gmem ref, per-warpgroup
-  smem, per-warpgroup barriers)]; returns this warpgroup's smem tiles."""
-  mine = [smem_ref.at[wg] for _, smem_ref, _ in copies]
-  for (gmem_ref, _, barrier), dst in zip(copies, mine):
-    plgpu.copy_gmem_to_smem(gmem_ref.at[src], dst, barrier.at[wg])
-  for *_, barrier in copies:
-    plgpu.barrier_wait(barrier.at[wg])
-  return mine
+def _over_own_tiles(wg, count, src, own, run_tile):
+  """A consumer's `count` tiles (the int 1 without persistence). own: [(gmem
+  ref, smem [buffers, consumers, ...], barriers [buffers * consumers])]:
+  tile n's rows src(n) of each ref, this warpgroup's, load into buffer
+  n % buffers. Persistent with two buffers, the next tile's load while the
+  current one runs: run_tile(n, base, buf, prefetch) calls prefetch() once
+  its first wgmmas are in flight (prefetch is None with one buffer) and
+  returns base plus its steps. With one buffer, a tile loads at its start,
+  once the last one's stores have read the buffer."""
+  buffers = own[0][1].shape[0]
+  persistent = not (isinstance(count, int) and count == 1)
+
+  def load(n):
+    buf = lax.rem(n, buffers)
+    for ref, dst, bar in own:
+      plgpu.copy_gmem_to_smem(ref.at[src(n)], dst.at[buf, wg],
+                              bar.at[buf * fm.NUM_CONSUMERS + wg])
+
+  def prefetch(n):
+    """Tile n + 1's, once the stores from its buffer (tile n - 1's outputs)
+    have read it."""
+    @pl.when(n + 1 < count)
+    def _():
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      load(n + 1)
+
+  def run(n, base):
+    buf = lax.rem(n, buffers)
+    if persistent and buffers == 1:
+      pl.when(n > 0)(functools.partial(prefetch, n - 1))
+    for *_, bar in own:
+      plgpu.barrier_wait(bar.at[buf * fm.NUM_CONSUMERS + wg])
+    return run_tile(n, base, buf, functools.partial(prefetch, n)
+                    if buffers > 1 else None)
+
+  load(0)
+  fm.over_tiles(count, run)
+  plgpu.wait_smem_to_gmem(0)
 
 
 def _add_to_gmem(x, dst, smem_ref, bar, interpret):
@@ -121,49 +152,20 @@ def _add_to_gmem(x, dst, smem_ref, bar, interpret):
                           reduction_op=None if interpret else 'add')
 
 
-def _dkdv_consumer(refs, smem, bars, *, wg, count, tile, group, sm_scale,
-                   causal_offset, config, interpret):
-  """This consumer's part of the CTA's `count` tiles (the int 1 without
-  persistence); tile(n) is the n-th's (kv head, batch row, first key, query
-  range). Its K and V live in buffer n % buffers; persistent, the next
-  tile's load while the current one runs."""
+def _dkdv_consumer(refs, smem, bars, *, wg, count, tile, **kwargs):
+  """This consumer's part of the CTA's `count` tiles; tile(n) is the n-th's
+  (kv head, batch row, first key, query range)."""
   _, k_ref, v_ref, *_ = refs
-  k_own, v_own, *_ = smem
-  k_bar, v_bar, *_ = bars
-  buffers = k_own.shape[0]
 
-  def own(n):  # tile n's rows of K and V, and its buffer
+  def src(n):  # this warpgroup's keys of tile n
     kv_h, b, k_start, _ = tile(n)
-    return (b, pl.ds(k_start + wg * fm.ROWS_WG, fm.ROWS_WG), kv_h), lax.rem(
-        n, buffers)
+    return b, pl.ds(k_start + wg * fm.ROWS_WG, fm.ROWS_WG), kv_h
 
-  def load_own(n):
-    src, buf = own(n)
-    for ref, dst, bar in ((k_ref, k_own, k_bar), (v_ref, v_own, v_bar)):
-      plgpu.copy_gmem_to_smem(ref.at[src], dst.at[buf, wg],
-                              bar.at[buf * fm.NUM_CONSUMERS + wg])
-
-  def prefetch(n):
-    """Tile n + 1's K and V, once the dK/dV stores from its buffer (tile
-    n - 1's) have read it."""
-    @pl.when(n + 1 < count)
-    def _():
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      load_own(n + 1)
-
-  def run_tile(n, base):
-    src, buf = own(n)
-    for bar in (k_bar, v_bar):
-      plgpu.barrier_wait(bar.at[buf * fm.NUM_CONSUMERS + wg])
-    return _dkdv_tile(
-        refs, smem, bars, wg=wg, buf=buf, base=base, src=src, tile=tile(n),
-        prefetch=(functools.partial(prefetch, n) if buffers > 1 else None),
-        group=group, sm_scale=sm_scale, causal_offset=causal_offset,
-        config=config, interpret=interpret)
-
-  load_own(0)
-  fm.over_tiles(count, run_tile)
-  plgpu.wait_smem_to_gmem(0)
+  _over_own_tiles(
+      wg, count, src, [(k_ref, smem[0], bars[0]), (v_ref, smem[1], bars[1])],
+      lambda n, base, buf, prefetch: _dkdv_tile(
+          refs, smem, bars, wg=wg, buf=buf, base=base, src=src(n),
+          tile=tile(n), prefetch=prefetch, **kwargs))
 
 
 def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
@@ -369,13 +371,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   seq_q = q_ref.shape[1]
   causal_offset = seq_kv - seq_q if causal else None
   grid = (kv_heads, seq_kv // BLOCK_K, batch)
-  if config.persistent:  # tiles cta, cta + ctas, ..., in the grid's order
-    cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
-    count = lax.div(math.prod(grid) - cta + ctas - 1, ctas)
-    index = lambda n: _unravel(cta + n * ctas, grid)
-  else:
-    count = 1
-    index = lambda n: tuple(map(lax.axis_index, ('h', 'k', 'b')))
+  index = _tile_index(grid, config.persistent)
+  count = _tile_count(grid, config.persistent)
 
   def tile(n):  # what the consumers and the producer agree on
     kv_h, k_block, b = index(n)
@@ -423,27 +420,73 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
     fm.drain_frees([free], fm.over_tiles(count, produce_tile), stages)
 
 
-def _unravel(i, grid):
-  """Index i of `grid`'s CTAs in launch order (the first dim fastest)."""
-  index = []
-  for n in grid[:-1]:
-    index.append(lax.rem(i, n))
-    i = lax.div(i, n)
-  return (*index, i)
+GRID_NAMES = ('x', 'y', 'z')
 
 
-def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
-                 causal_offset, config, interpret):
-  q_ref, do_ref, lse2_ref, delta_ref, dq_ref = refs
-  q_smem, do_smem, k_smem, v_smem, stage = smem
-  q_bar, do_bar, k_ready, v_ready, k_free, v_free, turn = bars
+def _tile_count(grid, persistent):
+  """A CTA's tiles: persistent, tiles cta, cta + ctas, ... of `grid`;
+  otherwise its own (the int 1)."""
+  if not persistent:
+    return 1
+  cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
+  return lax.div(math.prod(grid) - cta + ctas - 1, ctas)
+
+
+def _tile_index(grid, persistent):
+  """index(n): the grid index of a CTA's n-th tile, tiles in launch order
+  (the first dim fastest) when persistent."""
+  if not persistent:
+    return lambda n: tuple(map(lax.axis_index, GRID_NAMES))
+  cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
+
+  def index(n):
+    i, out = cta + n * ctas, []
+    for size in grid[:-1]:
+      out.append(lax.rem(i, size))
+      i = lax.div(i, size)
+    return (*out, i)
+  return index
+
+
+def _launch_grid(grid, persistent, interpret):
+  """plgpu.kernel's grid and grid_names: one CTA per SM when persistent."""
+  if persistent:
+    return dict(grid=(min(math.prod(grid), fm.persistent_ctas(interpret)),),
+                grid_names=('cta',))
+  return dict(grid=grid, grid_names=GRID_NAMES)
+
+
+def _dq_consumer(refs, smem, bars, *, wg, count, tile, **kwargs):
+  """This consumer's part of the CTA's `count` tiles; tile(n) is the n-th's
+  (q head, batch row, first query row, (unmasked, total) key steps)."""
+  q_ref, do_ref, *_ = refs
+
+  def src(n):  # this warpgroup's query rows of tile n
+    h, b, q_start, _ = tile(n)
+    return b, pl.ds(q_start + wg * fm.ROWS_WG, fm.ROWS_WG), h
+
+  _over_own_tiles(
+      wg, count, src, [(q_ref, smem[0], bars[0]), (do_ref, smem[1], bars[1])],
+      lambda n, base, buf, prefetch: _dq_tile(
+          refs, smem, bars, wg=wg, buf=buf, base=base, src=src(n),
+          tile=tile(n), prefetch=prefetch, **kwargs))
+
+
+def _dq_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
+             sm_scale, causal_offset, config, interpret):
+  """One tile's key steps, from Q/dO buffer buf, step j on K/V slot
+  (base + j) % stages; prefetch() (persistent) runs once step 0's wgmmas are
+  in flight, or at once for rows that see no key. Returns base plus the
+  tile's steps."""
+  q_ref, _, lse2_ref, delta_ref, dq_ref = refs
+  q_own, do_own, k_smem, v_smem, stage = smem
+  _, _, k_ready, v_ready, k_free, v_free, turn = bars
+  h, b, q_start, steps = tile
   block_k, num_stages = config.block_k, config.num_stages
   head_dim, dtype = q_ref.shape[-1], q_ref.dtype
   scale = sm_scale * fm.LOG2E
   rows = q_start + wg * fm.ROWS_WG
-  src = (b, pl.ds(rows, fm.ROWS_WG), h)
-  q_smem, do_smem = _load_own(wg, src, [(q_ref, q_smem, q_bar),
-                                        (do_ref, do_smem, do_bar)])
+  q_smem, do_smem = q_own.at[buf, wg], do_own.at[buf, wg]
   stage = None if stage is None else stage.at[wg]
   s_shape = (fm.ROWS_WG, block_k)
   vec = (b, h, pl.ds(rows, fm.ROWS_WG))
@@ -461,7 +504,7 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
   def body(masked, j, dq):
     """S and dP issued back to back, P computed while dP runs; dQ
     accumulates in place."""
-    slot = lax.rem(j, num_stages)
+    slot = lax.rem(base + j, num_stages)
     with jax.named_scope('wait_kv'):
       plgpu.barrier_wait(k_ready.at[slot])
       plgpu.barrier_wait(v_ready.at[slot])
@@ -472,6 +515,8 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
         plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].T)
       if config.stagger:
         pl.when((j == 0) & (wg == 0))(functools.partial(fm.meet_at, turn))
+      if prefetch is not None:
+        pl.when(j == 0)(prefetch)
       with jax.named_scope('wait_s'):
         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
       with jax.named_scope('p'):
@@ -500,44 +545,61 @@ def _dq_consumer(refs, smem, bars, *, wg, b, h, q_start, steps, sm_scale,
   dq = lax.fori_loop(0, unmasked, functools.partial(body, False), dq)
   if causal_offset is not None:
     dq = lax.fori_loop(unmasked, total, functools.partial(body, True), dq)
+  if prefetch is not None:
+    pl.when(total == 0)(prefetch)
   q_smem[...] = (dq * sm_scale).astype(dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[src])
-  plgpu.wait_smem_to_gmem(0)
+  return base + total
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
                dq_ref, *scratch, causal, group, config, interpret):
   smem, bars = scratch[:5], scratch[5:]
-  seq_q, seq_kv = q_ref.shape[1], k_ref.shape[1]
-  block_k = config.block_k
+  batch, seq_q, heads, _ = q_ref.shape
+  seq_kv = k_ref.shape[1]
+  block_k, stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
-  h, b = lax.axis_index('h'), lax.axis_index('b')
-  i = lax.axis_index('q')
-  if causal:  # the longest rows first
-    i = seq_q // fm.BLOCK_Q - 1 - i
-  q_start = i * fm.BLOCK_Q
-  steps = fm.kv_steps(q_start, fm.BLOCK_Q, block_k, seq_kv, causal_offset)
+  grid = (heads, seq_q // fm.BLOCK_Q, batch)
+  index = _tile_index(grid, config.persistent)
+
+  def tile(n):  # what the consumers and the producer agree on
+    h, i, b = index(n)
+    if causal:  # the longest rows first
+      i = seq_q // fm.BLOCK_Q - 1 - i
+    q_start = i * fm.BLOCK_Q
+    return h, b, q_start, fm.kv_steps(q_start, fm.BLOCK_Q, block_k, seq_kv,
+                                      causal_offset)
+
   wg = lax.axis_index('wg')
 
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(CONSUMER_REGS, action='increase')
     _dq_consumer((q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
-                 wg=wg, b=b, h=h, q_start=q_start, steps=steps,
-                 sm_scale=scale_ref[0], causal_offset=causal_offset,
-                 config=config, interpret=interpret)
+                 wg=wg, count=_tile_count(grid, config.persistent),
+                 tile=tile, sm_scale=scale_ref[0],
+                 causal_offset=causal_offset, config=config,
+                 interpret=interpret)
 
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(fm.PRODUCER_REGS, action='decrease')
     _, _, k_smem, v_smem, _ = smem
     _, _, k_ready, v_ready, k_free, v_free, _ = bars
-    kv_h = lax.div(h, group)
-    index = lambda step: (b, pl.ds(step * block_k, block_k), kv_h)
-    fm.produce([(k_free, [(fm.tma_loader(k_ref, k_smem, index), k_ready)]),
-                (v_free, [(fm.tma_loader(v_ref, v_smem, index), v_ready)])],
-               steps[1], config.num_stages)
+
+    def produce_tile(n, base):
+      h, b, _, (_, total) = tile(n)
+      kv_h = lax.div(h, group)
+      rows = lambda step: (b, pl.ds(step * block_k, block_k), kv_h)
+      fm.produce(
+          [(k_free, [(fm.tma_loader(k_ref, k_smem, rows), k_ready)]),
+           (v_free, [(fm.tma_loader(v_ref, v_smem, rows), v_ready)])],
+          total, stages, base=base, drain=False)
+      return base + total
+
+    steps = fm.over_tiles(_tile_count(grid, config.persistent), produce_tile)
+    fm.drain_frees([k_free, v_free], steps, stages)
 
 
 def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
@@ -590,11 +652,15 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
   # Fused: dQ accumulates in float32 in place (a mutable ref: the kernel's
   # reduce-adds land in this zeroed buffer).
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32)) if fused else None
-  # Persistent: K and V (then dK and dV) of a CTA's even and odd tiles.
+  # A consumer's own tiles, loaded once a tile (dK/dV: K and V, then dK and
+  # dV; dQ: Q then dQ, and dO); persistent, of a CTA's even and odd tiles.
   buffers = 2 if config.persistent else 1
   own_tile = fm.smem((buffers, *wg_tile), dtype)
   own_bars = plgpu.Barrier(num_barriers=buffers * fm.NUM_CONSUMERS)
-  dkdv_ctas = kv_heads * (seq_kv // BLOCK_K) * batch
+  # At d128 the dQ kernel's K/V stages leave room for one Q/dO buffer only.
+  dq_buffers = buffers if head_dim <= 96 else 1
+  dq_own_tile = fm.smem((dq_buffers, *wg_tile), dtype)
+  dq_own_bars = plgpu.Barrier(num_barriers=dq_buffers * fm.NUM_CONSUMERS)
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, interpret=interpret is not None,
                         **kwargs),
@@ -620,9 +686,8 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           per_wg if fused and interpret else None,
           meeting],
-      grid=((min(dkdv_ctas, fm.persistent_ctas(interpret)),)
-            if config.persistent else (kv_heads, seq_kv // BLOCK_K, batch)),
-      grid_names=('cta',) if config.persistent else ('h', 'k', 'b'),
+      **_launch_grid((kv_heads, seq_kv // BLOCK_K, batch), config.persistent,
+                     interpret),
       **mesh,
   )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))
   if fused:
@@ -633,12 +698,14 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
                         **kwargs),
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=[
-          fm.smem(wg_tile, dtype), fm.smem(wg_tile, dtype),  # Q then dQ, dO
+          dq_own_tile, dq_own_tile,  # Q then dQ, dO
           fm.smem((stages, bk, head_dim), dtype),  # K
           fm.smem((stages, bk, head_dim), dtype),  # V
           staging(bk),
-          per_wg, per_wg, per_stage, per_stage, freed, freed, meeting],
-      grid=(heads, seq_q // fm.BLOCK_Q, batch), grid_names=('h', 'q', 'b'),
+          dq_own_bars, dq_own_bars, per_stage, per_stage, freed, freed,
+          meeting],
+      **_launch_grid((heads, seq_q // fm.BLOCK_Q, batch), config.persistent,
+                     interpret),
       **mesh,
   )(q, k, v, do, lse2, delta, scale)
   return dq, dk, dv

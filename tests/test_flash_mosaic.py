@@ -227,11 +227,13 @@ def test_fwd_interpret_no_races(config):
   assert not gpu_callbacks.get_races().races_found
 
 
-def test_persistent_bwd_interpret_no_races():
-  """The race detector over the persistent dK/dV kernel: 8 tiles on 3 CTAs,
-  each consumer loading a tile's K and V into the buffer whose dK and dV
-  stores (two tiles back) must have read it first."""
-  case = Case(2, 256, 512, 2, 1, 64, True)
+@pytest.mark.parametrize('head_dim', [64, 128])
+def test_persistent_bwd_interpret_no_races(head_dim):
+  """The race detector over the persistent backward: 8 dK/dV tiles and 4
+  dQ tiles on 3 CTAs, each consumer loading a tile's own K and V (or Q and
+  dO) into the buffer whose output stores (two tiles back; at d128 the dQ
+  kernel's one buffer: the last tile) must have read it first."""
+  case = Case(2, 256, 512, 2, 1, head_dim, True)
   q, k, v, do, _, _ = _inputs(case, jax.random.PRNGKey(8))
   o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
   jax.block_until_ready(flash_mosaic_vjp.flash_bwd(
