@@ -6,9 +6,10 @@ from the given lse:
   - dQ: one CTA per 128 query rows, looping over key blocks (the forward's
     structure).
 Two kernels and no atomics: dQ is written once, in order. The cost is
-recomputing S and dP in the dQ kernel (7 matmuls instead of 5). Or fused
-(MosaicBwdConfig.fused; the default at d64): the dK/dV kernel also computes
-dQ and reduce-adds it into a float32 dQ with TMA.
+recomputing S and dP in the dQ kernel (7 matmuls instead of 5). Both may
+run persistent (MosaicBwdConfig.persistent: one CTA per SM, tiles in turn).
+Or fused (MosaicBwdConfig.fused; the default at d64): the dK/dV kernel also
+computes dQ and reduce-adds it into a float32 dQ with TMA.
 
 Nothing here assumes lse came from the same K/V: ring attention passes the
 global lse, o and dO of a query chunk against one K/V chunk.
@@ -94,27 +95,33 @@ def _row_stats(ref, dim, *, gmem=False):
                     optimized=not gmem)
 
 
-def _over_own_tiles(wg, count, src, own, run_tile):
-  """A consumer's `count` tiles (the int 1 without persistence). own: [(gmem
-  ref, smem [buffers, consumers, ...], barriers [buffers * consumers])]:
-  tile n's rows src(n) of each ref, this warpgroup's, load into buffer
-  n % buffers. Persistent with two buffers, the next tile's load while the
-  current one runs: run_tile(n, base, buf, prefetch) calls prefetch() once
-  its first wgmmas are in flight (prefetch is None with one buffer) and
-  returns base plus its steps. With one buffer, a tile loads at its start,
-  once the last one's stores have read the buffer."""
-  buffers = own[0][1].shape[0]
+def _consumer(run_tile, own_refs, refs, smem, bars, *, wg, count, tile,
+              **kwargs):
+  """A consumer warpgroup's part of its CTA's `count` tiles (the int 1
+  without persistence). tile(n): the n-th's (head, batch row, first row,
+  ...), whose 64 rows from its first row plus 64 * wg of both own_refs (K
+  and V, or Q and dO) this warpgroup owns: they load into buffer n %
+  buffers of smem[0] and smem[1] (barriers bars[0] and bars[1]).
+  run_tile(refs, smem, bars, wg, buf, base, src, tile, prefetch, **kwargs)
+  runs one, its rows src, and returns base plus its steps. Persistent with
+  two buffers, it calls prefetch() once its first wgmmas are in flight: the
+  next tile's load. With one buffer (prefetch None) a tile loads at its
+  start, once the last one's stores have read the buffer."""
+  buffers = smem[0].shape[0]
   persistent = not (isinstance(count, int) and count == 1)
+
+  def src(n):
+    h, b, start, _ = tile(n)
+    return b, pl.ds(start + wg * fm.ROWS_WG, fm.ROWS_WG), h
 
   def load(n):
     buf = lax.rem(n, buffers)
-    for ref, dst, bar in own:
+    for ref, dst, bar in zip(own_refs, smem[:2], bars[:2]):
       plgpu.copy_gmem_to_smem(ref.at[src(n)], dst.at[buf, wg],
                               bar.at[buf * fm.NUM_CONSUMERS + wg])
 
   def prefetch(n):
-    """Tile n + 1's, once the stores from its buffer (tile n - 1's outputs)
-    have read it."""
+    """Tile n + 1's, once the stores from its buffer have read it."""
     @pl.when(n + 1 < count)
     def _():
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -124,10 +131,12 @@ def _over_own_tiles(wg, count, src, own, run_tile):
     buf = lax.rem(n, buffers)
     if persistent and buffers == 1:
       pl.when(n > 0)(functools.partial(prefetch, n - 1))
-    for *_, bar in own:
+    for bar in bars[:2]:
       plgpu.barrier_wait(bar.at[buf * fm.NUM_CONSUMERS + wg])
-    return run_tile(n, base, buf, functools.partial(prefetch, n)
-                    if buffers > 1 else None)
+    return run_tile(refs, smem, bars, wg=wg, buf=buf, base=base, src=src(n),
+                    tile=tile(n), prefetch=(functools.partial(prefetch, n)
+                                            if buffers > 1 else None),
+                    **kwargs)
 
   load(0)
   fm.over_tiles(count, run)
@@ -150,22 +159,6 @@ def _add_to_gmem(x, dst, smem_ref, bar, interpret):
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(smem_ref, dst,
                           reduction_op=None if interpret else 'add')
-
-
-def _dkdv_consumer(refs, smem, bars, *, wg, count, tile, **kwargs):
-  """This consumer's part of the CTA's `count` tiles; tile(n) is the n-th's
-  (kv head, batch row, first key, query range)."""
-  _, k_ref, v_ref, *_ = refs
-
-  def src(n):  # this warpgroup's keys of tile n
-    kv_h, b, k_start, _ = tile(n)
-    return b, pl.ds(k_start + wg * fm.ROWS_WG, fm.ROWS_WG), kv_h
-
-  _over_own_tiles(
-      wg, count, src, [(k_ref, smem[0], bars[0]), (v_ref, smem[1], bars[1])],
-      lambda n, base, buf, prefetch: _dkdv_tile(
-          refs, smem, bars, wg=wg, buf=buf, base=base, src=src(n),
-          tile=tile(n), prefetch=prefetch, **kwargs))
 
 
 def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
@@ -385,10 +378,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(CONSUMER_REGS, action='increase')
-    _dkdv_consumer((q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
-                   wg=wg, count=count, tile=tile, group=group,
-                   sm_scale=scale_ref[0], causal_offset=causal_offset,
-                   config=config, interpret=interpret)
+    _consumer(_dkdv_tile, (k_ref, v_ref),
+              (q_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref), smem, bars,
+              wg=wg, count=count, tile=tile, group=group,
+              sm_scale=scale_ref[0], causal_offset=causal_offset,
+              config=config, interpret=interpret)
 
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
@@ -454,22 +448,6 @@ def _launch_grid(grid, persistent, interpret):
     return dict(grid=(min(math.prod(grid), fm.persistent_ctas(interpret)),),
                 grid_names=('cta',))
   return dict(grid=grid, grid_names=GRID_NAMES)
-
-
-def _dq_consumer(refs, smem, bars, *, wg, count, tile, **kwargs):
-  """This consumer's part of the CTA's `count` tiles; tile(n) is the n-th's
-  (q head, batch row, first query row, (unmasked, total) key steps)."""
-  q_ref, do_ref, *_ = refs
-
-  def src(n):  # this warpgroup's query rows of tile n
-    h, b, q_start, _ = tile(n)
-    return b, pl.ds(q_start + wg * fm.ROWS_WG, fm.ROWS_WG), h
-
-  _over_own_tiles(
-      wg, count, src, [(q_ref, smem[0], bars[0]), (do_ref, smem[1], bars[1])],
-      lambda n, base, buf, prefetch: _dq_tile(
-          refs, smem, bars, wg=wg, buf=buf, base=base, src=src(n),
-          tile=tile(n), prefetch=prefetch, **kwargs))
 
 
 def _dq_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
@@ -576,11 +554,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   @pl.when(wg < fm.NUM_CONSUMERS)
   def _():
     plgpu.set_max_registers(CONSUMER_REGS, action='increase')
-    _dq_consumer((q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
-                 wg=wg, count=_tile_count(grid, config.persistent),
-                 tile=tile, sm_scale=scale_ref[0],
-                 causal_offset=causal_offset, config=config,
-                 interpret=interpret)
+    _consumer(_dq_tile, (q_ref, do_ref),
+              (q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
+              wg=wg, count=_tile_count(grid, config.persistent), tile=tile,
+              sm_scale=scale_ref[0], causal_offset=causal_offset,
+              config=config, interpret=interpret)
 
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
