@@ -229,7 +229,7 @@ def test_fwd_interpret_no_races(config):
 
 @pytest.mark.parametrize('head_dim', [64, 128])
 def test_persistent_bwd_interpret_no_races(head_dim):
-  """The race detector over the persistent backward: 8 dK/dV tiles and 4
+  """The race detector over the persistent backward: 8 dK/dV tiles and 8
   dQ tiles on 3 CTAs, each consumer loading a tile's own K and V (or Q and
   dO) into the buffer whose output stores (two tiles back; at d128 the dQ
   kernel's one buffer: the last tile) must have read it first."""
