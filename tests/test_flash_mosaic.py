@@ -165,13 +165,15 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], MosaicBwdConfig(block_k=128, stagger=True)),
     (Case(1, 384, 128, 2, 1, 80, True, jnp.float16),
      MosaicBwdConfig(stagger=True)),
-    # Persistent dK/dV kernel (3 CTAs): GQA causal, 4 tiles, staggered; 8
-    # tiles of 2 batch rows, seq_q < seq_kv, fp16; no-key rows, MQA.
+    # Persistent (3 CTAs): GQA causal, 4 dK/dV tiles, staggered; 8 tiles of
+    # 2 batch rows, seq_q < seq_kv, fp16; no-key rows, MQA; no mask.
     (BWD_CASES[0],
      MosaicBwdConfig(block_k=128, stagger=True, persistent=True)),
     (Case(2, 256, 512, 2, 1, 80, True, jnp.float16),
      MosaicBwdConfig(block_k=128, persistent=True)),
     (Case(1, 384, 128, 2, 1, 64, True), MosaicBwdConfig(persistent=True)),
+    (Case(2, 256, 256, 2, 1, 128, False),
+     MosaicBwdConfig(block_k=128, stagger=True, persistent=True)),
 ]
 
 
