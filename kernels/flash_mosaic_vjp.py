@@ -540,6 +540,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   causal_offset = seq_kv - seq_q if causal else None
   grid = (heads, seq_q // fm.BLOCK_Q, batch)
   index = _tile_index(grid, config.persistent)
+  count = _tile_count(grid, config.persistent)
 
   def tile(n):  # what the consumers and the producer agree on
     h, i, b = index(n)
@@ -556,9 +557,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
     plgpu.set_max_registers(CONSUMER_REGS, action='increase')
     _consumer(_dq_tile, (q_ref, do_ref),
               (q_ref, do_ref, lse2_ref, delta_ref, dq_ref), smem, bars,
-              wg=wg, count=_tile_count(grid, config.persistent), tile=tile,
-              sm_scale=scale_ref[0], causal_offset=causal_offset,
-              config=config, interpret=interpret)
+              wg=wg, count=count, tile=tile, sm_scale=scale_ref[0],
+              causal_offset=causal_offset, config=config,
+              interpret=interpret)
 
   @pl.when(wg == fm.NUM_CONSUMERS)
   def _():
@@ -576,8 +577,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
           total, stages, base=base, drain=False)
       return base + total
 
-    steps = fm.over_tiles(_tile_count(grid, config.persistent), produce_tile)
-    fm.drain_frees([k_free, v_free], steps, stages)
+    fm.drain_frees([k_free, v_free], fm.over_tiles(count, produce_tile),
+                   stages)
 
 
 def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
