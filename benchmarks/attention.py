@@ -299,6 +299,8 @@ def mosaic_variants(head_dim):
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
+    if head_dim == 128:  # a dQ part per consumer, stored during the next step
+      bwd.append(MosaicBwdConfig(fused=True, late_dq_store=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
       bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
@@ -317,7 +319,8 @@ def describe_mosaic(part, tuning):
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
-          f'{" persistent" if c.persistent else ""}')
+          f'{" persistent" if c.persistent else ""}'
+          f'{" late_dq" if c.late_dq_store else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):

@@ -58,6 +58,10 @@ class MosaicBwdConfig:
     waiting, so a tile's prologue and epilogue overlap its neighbours'
     work. At d128 the dQ kernel has room for one Q/dO buffer: a tile loads
     its own at its start.
+  late_dq_store: fused at d128: step j's dQ parts are stored to smem and
+    reduce-added once step j + 1's S^T and dP^T are issued, not before, so
+    the tensor cores run them during the store (knock-outs put 1.3 ms of
+    the s8192 d128 backward in the float32 store and 0.7 in the reduce).
   """
   block_q: int = 64
   block_k: int = 64
@@ -65,6 +69,7 @@ class MosaicBwdConfig:
   fused: bool = False
   stagger: bool = False
   persistent: bool = False
+  late_dq_store: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -85,6 +90,8 @@ class MosaicBwdConfig:
       raise ValueError('stagger is for the two-kernel backward')
     if self.fused and self.persistent:
       raise ValueError('persistent is for the two-kernel backward')
+    if self.late_dq_store and not self.fused:
+      raise ValueError('late_dq_store is for the fused backward')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -190,6 +197,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   # wait drains dK, dV and dQ (at d64 1-2% less time than a turn after the
   # step, 2026-12-04).
   part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
+  late = config.late_dq_store  # dQ_j carried into step j + 1 (d128)
 
   def share_ds(step, ds_t):
     """Fused: this consumer's dS^T to the tile both read dQ from."""
@@ -211,12 +219,17 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     plgpu.barrier_arrive(ds_free.at[buf])
     return dq
 
+  def dq_compute(step, part):
+    return pl.run_scoped(functools.partial(dq_part, step, part),
+                         plgpu.ACC((bq, DQ_COLS), jnp.float32))
+
   def dq_of(step, part):
+    dq_store(step, part, dq_compute(step, part))
+
+  def dq_store(step, part, dq):
     """dQ_part of `step`'s query rows reduce-added into dq_ref, through
     this consumer's dQ buffers in turn (d64: it computes every other
     step's, so the step's parity would always pick the same buffer)."""
-    dq = pl.run_scoped(functools.partial(dq_part, step, part),
-                       plgpu.ACC((bq, DQ_COLS), jnp.float32))
     h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
     dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
     buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
@@ -252,8 +265,8 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     """S^T and dP^T issued back to back; P^T computed while dP^T runs, dS^T
     while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
     accumulators, so no second register tile). Fused: the dQ part right
-    behind dK."""
-    dk, dv = carry
+    behind dK; late_dq_store: the last step's stored behind S^T and dP^T."""
+    dk, dv, *dq_last = carry
     step = g * per_head + i - lo
     slot = lax.rem(base + step, stages)
     with jax.named_scope('wait_q'):
@@ -268,6 +281,10 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
         pl.when((step == 0) & (wg == 0))(functools.partial(fm.meet_at, turn))
       if prefetch is not None:
         pl.when(step == 0)(prefetch)
+      if late:
+        with jax.named_scope('dq_store'):
+          pl.when(step > 0)(functools.partial(dq_store, step - 1, wg,
+                                              *dq_last))
       with jax.named_scope('wait_s'):
         s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
       with jax.named_scope('p'):
@@ -289,23 +306,26 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
       with jax.named_scope('issue_dk'):
         fm.seed_acc(dk_ref, dk, interpret)
         plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
+      dq = ()
       if config.fused:
         with jax.named_scope('dq'):
-          if part_per_consumer:
+          if late:
+            dq = (dq_compute(step, wg),)
+          elif part_per_consumer:
             dq_of(step, wg)
           else:
             dq_turn(step)
       with jax.named_scope('wait_dk_dv'):
         return (fm.read_acc(dk_ref, dk, interpret),
-                fm.read_acc(dv_ref, dv, interpret))
+                fm.read_acc(dv_ref, dv, interpret), *dq)
 
     o_shape = (fm.ROWS_WG, head_dim)
-    dk, dv = pl.run_scoped(
+    carry = pl.run_scoped(
         scope, plgpu.ACC(st_shape, jnp.float32),
         plgpu.ACC(st_shape, jnp.float32), plgpu.ACC(o_shape, jnp.float32),
         plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
-    return dk, dv
+    return carry
 
   def head(g, carry):
     if causal_offset is not None:
@@ -320,7 +340,12 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   if config.stagger:  # every dK/dV CTA has a step: its last key sees a query
     pl.when(wg == 1)(functools.partial(fm.meet_at, turn))
   zeros = fm.wgmma_full((fm.ROWS_WG, head_dim), 0.0)
-  dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  carry = (zeros, zeros)
+  if late:  # every dK/dV CTA has a step, so a dQ_j to store at the end
+    carry += (fm.wgmma_full((bq, DQ_COLS), 0.0),)
+  dk, dv, *dq_last = lax.fori_loop(0, group, head, carry)
+  if late:
+    dq_store(group * per_head - 1, wg, *dq_last)
   if config.fused:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])
@@ -590,6 +615,9 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
     raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
                      f'got {q.shape[3]}')
+  if config.late_dq_store and q.shape[3] != DQ_COLS * fm.NUM_CONSUMERS:
+    raise ValueError('late_dq_store needs head_dim '
+                     f'{DQ_COLS * fm.NUM_CONSUMERS}, got {q.shape[3]}')
   return _flash_bwd(q, k, v, o, lse, do, dlse, fm.scale_input(sm_scale),
                     causal=causal, interpret=interpret, config=config)
 

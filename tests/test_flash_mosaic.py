@@ -147,6 +147,7 @@ BWD_CASES = [
 
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
+LATE_DQ = MosaicBwdConfig(fused=True, late_dq_store=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -174,6 +175,10 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (Case(1, 384, 128, 2, 1, 64, True), MosaicBwdConfig(persistent=True)),
     (Case(2, 256, 256, 2, 1, 128, False),
      MosaicBwdConfig(block_k=128, stagger=True, persistent=True)),
+    # Fused d128, each step's dQ stored during the next: GQA causal (the
+    # store carried across heads); no-key rows with MQA, fp16.
+    (BWD_CASES[0], LATE_DQ),
+    (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), LATE_DQ),
 ]
 
 
@@ -184,7 +189,8 @@ def _bwd_config_id(config):
            f'_dq_k{config.block_k}_s{config.num_stages}') +
           (f'_q{config.block_q}' if config.block_q != 64 else '') +
           ('_stagger' if config.stagger else '') +
-          ('_persistent' if config.persistent else ''))
+          ('_persistent' if config.persistent else '') +
+          ('_late_dq' if config.late_dq_store else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -246,13 +252,13 @@ def test_persistent_bwd_interpret_no_races(head_dim):
 
 
 @pytest.mark.parametrize('head_dim,config', [
-    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True))],
-                         ids=['d64', 'd128', 'd64_s3'])
+    (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True)),
+    (128, LATE_DQ)], ids=['d64', 'd128', 'd64_s3', 'd128_late_dq'])
 def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
-  in turns; also with 3 stages at d64), two buffers guarded by
-  ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
+  in turns; also with 3 stages at d64; at d128 also with each step's dQ
+  stored during the next), two buffers guarded by ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
   no TMA reduce-add, and its stand-in (load, add, store; exact as CTAs run
   one after another) is seen racing with the same tile's add from another
   CTA."""
@@ -392,6 +398,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
+           ([LATE_DQ] if head_dim == 128 else []) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -431,6 +438,8 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicBwdConfig(fused=True, stagger=True)
   with pytest.raises(ValueError, match='persistent is for the two-kernel'):
     MosaicBwdConfig(fused=True, persistent=True)
+  with pytest.raises(ValueError, match='late_dq_store is for the fused'):
+    MosaicBwdConfig(late_dq_store=True)
 
 
 def test_consumers_two_or_three_and_pingpong_two():
@@ -449,6 +458,11 @@ def test_fused_needs_head_dim_64_or_128():
         interpret=False, config=FUSED), q, lse)
   with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
     MosaicBwdConfig(block_q=128, fused=True)
+  q64 = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r'late_dq_store needs head_dim 128'):
+    _lowered_for_sm90(lambda q, lse: flash_mosaic_vjp.flash_bwd(
+        q, q, q, q, lse, q, None, sm_scale=0.1, causal=False,
+        interpret=False, config=LATE_DQ), q64, lse)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -627,6 +641,7 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True)),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True)),
+    fa.MosaicTuning(bwd=LATE_DQ),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
@@ -645,6 +660,8 @@ def _variant_runs(case, tuning):
     return case.head_dim <= 96
   if bwd is None:
     return True
+  if bwd.late_dq_store:
+    return case.head_dim == 128
   if bwd.fused:
     return (case.head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS and
             (bwd.num_stages <= 2 or case.head_dim <= 64))
