@@ -299,8 +299,7 @@ def mosaic_variants(head_dim):
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
-    if head_dim == 128:  # a dQ part per consumer, stored during the next step
-      bwd.append(MosaicBwdConfig(fused=True, late_dq_store=True))
+    bwd.append(MosaicBwdConfig(fused=True, late_dq_store=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
       bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +

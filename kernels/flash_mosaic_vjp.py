@@ -58,10 +58,10 @@ class MosaicBwdConfig:
     waiting, so a tile's prologue and epilogue overlap its neighbours'
     work. At d128 the dQ kernel has room for one Q/dO buffer: a tile loads
     its own at its start.
-  late_dq_store: fused at d128: step j's dQ parts are stored to smem and
-    reduce-added once step j + 1's S^T and dP^T are issued, not before, so
-    the tensor cores run them during the store (knock-outs put 1.3 ms of
-    the s8192 d128 backward in the float32 store and 0.7 in the reduce).
+  late_dq_store: fused: step j's dQ part is stored to smem and reduce-added
+    once step j + 1's S^T and dP^T are issued, not before, so the tensor
+    cores run them during the store (knock-outs put 1.3 ms of the s8192
+    d128 backward in the float32 store and 0.7 in the reduce).
   """
   block_q: int = 64
   block_k: int = 64
@@ -197,7 +197,11 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   # wait drains dK, dV and dQ (at d64 1-2% less time than a turn after the
   # step, 2026-12-04).
   part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
-  late = config.late_dq_store  # dQ_j carried into step j + 1 (d128)
+  my_part = wg if part_per_consumer else 0
+  late = config.late_dq_store  # dQ_j carried into step j + 1
+
+  def computes_dq(step):
+    return True if part_per_consumer else lax.rem(step, 2) == wg
 
   def share_ds(step, ds_t):
     """Fused: this consumer's dS^T to the tile both read dQ from."""
@@ -236,13 +240,28 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
                  None if dq_bar is None else dq_bar.at[wg], interpret)
 
+  def skip_dq(step):
+    """d64, not this consumer's turn: it frees the buffer at once (ds_free
+    wants both)."""
+    plgpu.barrier_arrive(ds_free.at[lax.rem(step, 2)])
+
   def dq_turn(step):
-    """d64: the consumer whose turn it is computes the one part; the other
-    frees the buffer at once (ds_free wants both)."""
-    mine = lax.rem(step, 2) == wg
+    """d64: the consumer whose turn it is computes the one part."""
+    mine = computes_dq(step)
     pl.when(mine)(functools.partial(dq_of, step, 0))
-    pl.when(jnp.logical_not(mine))(functools.partial(
-        plgpu.barrier_arrive, ds_free.at[lax.rem(step, 2)]))
+    pl.when(jnp.logical_not(mine))(functools.partial(skip_dq, step))
+
+  def dq_late(step, dq_prev):
+    """late_dq_store: this step's dQ part, or at d64 on the other's turn
+    the one carried (stored already)."""
+    if part_per_consumer:
+      return dq_compute(step, wg)
+
+    def keep():
+      skip_dq(step)
+      return dq_prev
+    return lax.cond(computes_dq(step), functools.partial(dq_compute, step, 0),
+                    keep)
 
   def scores(masked, i, slot, s_t):
     """P^T from raw S^T, masked on the diagonal."""
@@ -283,8 +302,8 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
         pl.when(step == 0)(prefetch)
       if late:
         with jax.named_scope('dq_store'):
-          pl.when(step > 0)(functools.partial(dq_store, step - 1, wg,
-                                              *dq_last))
+          pl.when((step > 0) & computes_dq(step - 1))(functools.partial(
+              dq_store, step - 1, my_part, *dq_last))
       with jax.named_scope('wait_s'):
         s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
       with jax.named_scope('p'):
@@ -310,7 +329,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
       if config.fused:
         with jax.named_scope('dq'):
           if late:
-            dq = (dq_compute(step, wg),)
+            dq = (dq_late(step, *dq_last),)
           elif part_per_consumer:
             dq_of(step, wg)
           else:
@@ -345,7 +364,9 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     carry += (fm.wgmma_full((bq, DQ_COLS), 0.0),)
   dk, dv, *dq_last = lax.fori_loop(0, group, head, carry)
   if late:
-    dq_store(group * per_head - 1, wg, *dq_last)
+    last = group * per_head - 1
+    pl.when(computes_dq(last))(functools.partial(dq_store, last, my_part,
+                                                 *dq_last))
   if config.fused:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])
@@ -615,9 +636,6 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
     raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
                      f'got {q.shape[3]}')
-  if config.late_dq_store and q.shape[3] != DQ_COLS * fm.NUM_CONSUMERS:
-    raise ValueError('late_dq_store needs head_dim '
-                     f'{DQ_COLS * fm.NUM_CONSUMERS}, got {q.shape[3]}')
   return _flash_bwd(q, k, v, o, lse, do, dlse, fm.scale_input(sm_scale),
                     causal=causal, interpret=interpret, config=config)
 

@@ -175,10 +175,12 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (Case(1, 384, 128, 2, 1, 64, True), MosaicBwdConfig(persistent=True)),
     (Case(2, 256, 256, 2, 1, 128, False),
      MosaicBwdConfig(block_k=128, stagger=True, persistent=True)),
-    # Fused d128, each step's dQ stored during the next: GQA causal (the
-    # store carried across heads); no-key rows with MQA, fp16.
+    # Fused, each step's dQ stored during the next: GQA causal (the store
+    # carried across heads); no-key rows with MQA, fp16; d64 (dQ in turns;
+    # 9 and 6 steps in the two CTAs), GQA of 3 heads.
     (BWD_CASES[0], LATE_DQ),
     (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), LATE_DQ),
+    (Case(1, 192, 256, 3, 1, 64, True), LATE_DQ),
 ]
 
 
@@ -253,12 +255,13 @@ def test_persistent_bwd_interpret_no_races(head_dim):
 
 @pytest.mark.parametrize('head_dim,config', [
     (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True)),
-    (128, LATE_DQ)], ids=['d64', 'd128', 'd64_s3', 'd128_late_dq'])
+    (64, LATE_DQ), (128, LATE_DQ)],
+    ids=['d64', 'd128', 'd64_s3', 'd64_late_dq', 'd128_late_dq'])
 def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
-  in turns; also with 3 stages at d64; at d128 also with each step's dQ
-  stored during the next), two buffers guarded by ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
+  in turns; also with 3 stages at d64; and with each step's dQ stored
+  during the next), two buffers guarded by ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
   no TMA reduce-add, and its stand-in (load, add, store; exact as CTAs run
   one after another) is seen racing with the same tile's add from another
   CTA."""
@@ -398,7 +401,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED] if fused else [TWO_KERNELS]) +
-           ([LATE_DQ] if head_dim == 128 else []) +
+           ([LATE_DQ] if fused else []) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -458,11 +461,6 @@ def test_fused_needs_head_dim_64_or_128():
         interpret=False, config=FUSED), q, lse)
   with pytest.raises(ValueError, match=r'fused needs block_q == 64'):
     MosaicBwdConfig(block_q=128, fused=True)
-  q64 = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
-  with pytest.raises(ValueError, match=r'late_dq_store needs head_dim 128'):
-    _lowered_for_sm90(lambda q, lse: flash_mosaic_vjp.flash_bwd(
-        q, q, q, q, lse, q, None, sm_scale=0.1, causal=False,
-        interpret=False, config=LATE_DQ), q64, lse)
 
 
 def test_lowers_for_sm90_float16_other_blocks():
@@ -660,8 +658,6 @@ def _variant_runs(case, tuning):
     return case.head_dim <= 96
   if bwd is None:
     return True
-  if bwd.late_dq_store:
-    return case.head_dim == 128
   if bwd.fused:
     return (case.head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS and
             (bwd.num_stages <= 2 or case.head_dim <= 64))
