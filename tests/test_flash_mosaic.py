@@ -261,10 +261,10 @@ def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
   in turns; also with 3 stages at d64; and with each step's dQ stored
-  during the next), two buffers guarded by ds_ready / ds_free. Only dQ's reduce may be reported: the interpreter has
-  no TMA reduce-add, and its stand-in (load, add, store; exact as CTAs run
-  one after another) is seen racing with the same tile's add from another
-  CTA."""
+  during the next), two buffers guarded by ds_ready / ds_free. Only dQ's
+  reduce may be reported: the interpreter has no TMA reduce-add, and its
+  stand-in (load, add, store; exact as CTAs run one after another) is seen
+  racing with the same tile's add from another CTA."""
   case = Case(1, 256, 256, 2, 1, head_dim, True)
   q, k, v, do, _, _ = _inputs(case, jax.random.PRNGKey(7))
   o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
@@ -368,11 +368,11 @@ def test_variants_lower_for_sm90(head_dim, causal):
   """The sweep's variants, GPU build: ping-pong + overlap, persistent +
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), three
-  consumers up to d96, the fused backward where it runs, a 3-stage dQ
-  kernel below d128 and the persistent dK/dV kernel (two K/V buffers), plus
-  128-row dK/dV steps (a setting out of the sweep); the interpreter lacks the
-  accumulator store (overlap), TMA reduce-add (fused) and shared-memory
-  limit that only this build has."""
+  consumers up to d96, the fused backward where it runs (also with the
+  late dQ store), a 3-stage dQ kernel below d128 and the persistent dK/dV
+  kernel (two K/V buffers), plus 128-row dK/dV steps (a setting out of the
+  sweep); the interpreter lacks the accumulator store (overlap), TMA
+  reduce-add (fused) and shared-memory limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
   kwargs = dict(sm_scale=0.1, causal=causal, interpret=False)
@@ -400,8 +400,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
           if head_dim <= 96]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED] if fused else [TWO_KERNELS]) +
-           ([LATE_DQ] if fused else []) +
+           for config in ([FUSED, LATE_DQ] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
