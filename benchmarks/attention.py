@@ -285,6 +285,15 @@ def mosaic_variants(head_dim):
   # defaults at long sequences, and against d64's ping-pong).
   fwd += [MosaicConfig(128, 2, overlap=True, stagger=True),
           MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True)]
+  # The last tiles cut among all CTAs (without the mask only): at the
+  # defaults' persistent schedules.
+  fwd += [MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
+                       split_tail=True),
+          MosaicConfig(128, 2, pingpong=True, persistent=True,
+                       split_tail=True)]
+  if head_dim <= 64:
+    fwd.append(MosaicConfig(256, 2, pingpong=True, persistent=True,
+                            split_tail=True))
   if head_dim <= 96:  # three consumers' 160 registers: d64, d80/d96 spill
     fwd += [MosaicConfig(128, stages, consumers=3, **schedule)
             for stages in (2, 3)
@@ -314,7 +323,8 @@ def describe_mosaic(part, tuning):
             f'{" overlap" if c.overlap else ""}'
             f'{" persistent" if c.persistent else ""}'
             f'{" stagger" if c.stagger else ""}'
-            f'{f" c{c.consumers}" if c.consumers != 2 else ""}')
+            f'{f" c{c.consumers}" if c.consumers != 2 else ""}'
+            f'{" split" if c.split_tail else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
@@ -341,6 +351,8 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
     name = describe_mosaic(part, tuning)
     if part not in parts or (names is not None and name not in names):
       continue
+    if part == 'fwd' and tuning.fwd.split_tail and causal:
+      continue  # without the mask only
     record = dict(shape=shape.name, causal=causal, part=part, variant=name)
     reports = []
     try:

@@ -26,6 +26,7 @@ import math
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -79,6 +80,13 @@ class MosaicConfig:
     third's matmuls (FA3's 192-row tiles at d64; at d80 and d96 with some
     spills). The last query block of a sequence that 192 does not divide
     has consumers with no rows: they only pass the K/V slots on.
+  split_tail: persistent without the mask, two consumers: when the tiles do
+    not divide evenly among the CTAs, the last (tiles mod CTAs) tiles are cut
+    along the keys into one share of key blocks per CTA (stream-K), so every
+    CTA ends at about the same time instead of some running one more tile
+    while the rest idle. A CTA's share spans at most two tiles; it writes
+    each part's normalized O (as a bf16/fp16 pair, high and low, about 16
+    bits of mantissa) and lse to a workspace that the wrapper merges by lse.
   """
 
   block_k: int = 128
@@ -88,8 +96,11 @@ class MosaicConfig:
   persistent: bool = False
   stagger: bool = False
   consumers: int = NUM_CONSUMERS
+  split_tail: bool = False
 
   def __post_init__(self):
+    if self.split_tail and not (self.persistent and self.consumers == 2):
+      raise ValueError('split_tail needs persistent and two consumers')
     if self.stagger and self.pingpong:
       raise ValueError('stagger is for schedules without pingpong')
     if self.consumers not in CONSUMER_REGS:
@@ -357,12 +368,66 @@ def fwd_tile(t, num_q, heads, batch, causal):
       t, num_q * heads)
 
 
+def tail_part(cta, m, ctas, tiles, num_k):
+  """split_tail: CTA cta's m-th part (m 0 or 1) of the last tiles % ctas
+  tiles, whose key blocks, in tile order, are dealt out as one run of
+  consecutive blocks per CTA: (tail tile, its first key block, key blocks;
+  0 blocks: no such part). A run is shorter than a tile, so it spans at
+  most two."""
+  blocks = (tiles % ctas) * num_k
+  start = lax.div(cta * blocks, ctas)
+  end = lax.div((cta + 1) * blocks, ctas)
+  t = lax.div(start, num_k) + m
+  first = jnp.maximum(start - t * num_k, 0)
+  return t, first, jnp.maximum(jnp.minimum(end - t * num_k, num_k) - first,
+                               0)
+
+
+def tail_parts(cta, ctas, tiles, num_k):
+  """How many parts CTA cta has (0, 1 or 2)."""
+  return sum(jnp.where(tail_part(cta, m, ctas, tiles, num_k)[2] > 0, 1, 0)
+             for m in (0, 1))
+
+
+def merge_tail(o, lse, part_o, part_lse, *, ctas, block_q, num_k):
+  """split_tail's last step: each split tile's parts (normalized O as high
+  and low halves, lse) weighed by exp(lse_part - lse), into o and lse."""
+  batch, seq_q, heads, head_dim = o.shape
+  num_q = seq_q // block_q
+  tiles = num_q * heads * batch
+  with jax.ensure_compile_time_eval():  # the plan: static
+    cta = jnp.arange(ctas)
+    slots = [[] for _ in range(tiles % ctas)]
+    for m in (0, 1):
+      t, _, blocks = map(np.asarray, tail_part(cta, m, ctas, tiles, num_k))
+      for c in np.flatnonzero(blocks):
+        slots[t[c]].append(2 * c + m)
+  width = max(map(len, slots))
+  index = np.array([s + s[:1] * (width - len(s)) for s in slots])
+  valid = np.array([[j < len(s) for j in range(width)] for s in slots])
+  lse_parts = jnp.where(valid[..., None], part_lse[index], NEG_INF)
+  lse_tiles = jax.nn.logsumexp(lse_parts, axis=1)
+  weights = jnp.exp(lse_parts - lse_tiles[:, None])
+  halves = part_o[index].astype(jnp.float32)
+  o_tiles = jnp.sum(weights[..., None] * (halves[:, :, 0] + halves[:, :, 1]),
+                    axis=1)
+  t = tiles - len(slots) + np.arange(len(slots))
+  i, h, b = t % num_q, t // num_q % heads, t // (num_q * heads)
+  o = o.reshape(batch, num_q, block_q, heads, head_dim).at[b, i, :, h].set(
+      o_tiles.astype(o.dtype))
+  lse = lse.reshape(batch, heads, num_q, block_q).at[b, h, i].set(lse_tiles)
+  return o.reshape(batch, seq_q, heads, head_dim), lse.reshape(
+      batch, heads, seq_q)
+
+
 def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
                   causal_offset, config, interpret):
   """Runs this CTA's `count` tiles (the int 1 without persistence); tile(n)
-  is its n-th's (query block, head, batch row, (unmasked, total) steps).
+  is its n-th's (query block, head, batch row, (unmasked, total) steps,
+  (first key block, part)): part -1 for a whole tile, else the workspace
+  slot of a split tile's part (split_tail).
   sm_scale: a traced float32 scalar (scale_input)."""
-  q_ref, o_ref, lse_ref = refs
+  q_ref, o_ref, lse_ref, part_o_ref, part_lse_ref = refs
   qo_smem, k_smem, v_smem, p_smem, lse_smem = smem_refs
   q_bar, k_ready, v_ready, k_free, v_free, turn = bars
   p_smem = None if p_smem is None else p_smem.at[wg]
@@ -390,7 +455,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
 
   def load_q(n):  # Q, then O, of tile n live in buffer n % buffers
     buf = lax.rem(n, buffers)
-    i, h, b, _ = tile(n)
+    i, h, b, _, _ = tile(n)
 
     @pl.when(has_rows(i))
     def _():
@@ -411,7 +476,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     """Tile n; its step j uses K/V slot (base + j) % stages. Returns base
     plus the tile's steps."""
     buf = lax.rem(n, buffers)
-    i, h, b, (unmasked, total) = tile(n)
+    i, h, b, (unmasked, total), (_, part) = tile(n)
     q_smem = qo_smem.at[buf, wg]
     q_pos = my_start(i) + wgmma_iota(s_shape, 0)
 
@@ -572,14 +637,35 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
         # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
         empty = l == 0.0
         l_safe = jnp.where(empty, 1.0, l)
-        q_smem[...] = (acc * rows_col(1.0 / l_safe, acc.shape)).astype(dtype)
+        o = acc * rows_col(1.0 / l_safe, acc.shape)
+        q_smem[...] = o.astype(dtype)
         lse_smem.at[buf, wg][...] = jnp.where(empty, NEG_INF,
                                               m * LN2 + jnp.log(l_safe))
         plgpu.commit_smem()
-        rows = pl.ds(my_start(i), ROWS_WG)
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
-        plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg],
-                                lse_ref.at[b, h, rows])
+
+        def store_tile():
+          rows = pl.ds(my_start(i), ROWS_WG)
+          plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
+          plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg],
+                                  lse_ref.at[b, h, rows])
+
+        def store_part():
+          """O as high and low halves through the same buffer: no smem is
+          left for a float32 tile at d128."""
+          rows = pl.ds(wg * ROWS_WG, ROWS_WG)
+          plgpu.copy_smem_to_gmem(q_smem, part_o_ref.at[part, 0, rows])
+          plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg],
+                                  part_lse_ref.at[part, rows])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          q_smem[...] = (o - o.astype(dtype).astype(jnp.float32)).astype(
+              dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(q_smem, part_o_ref.at[part, 1, rows])
+
+        if config.split_tail:
+          lax.cond(part < 0, store_tile, store_part)
+        else:
+          store_tile()
 
     if consumers == 2:
       attend()
@@ -592,30 +678,54 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
-                v_smem, p_smem, lse_smem, q_bar, k_ready, v_ready, k_free,
-                v_free, turn, *, causal, group, config, interpret):
+def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, *refs, causal, group, config,
+                interpret):
+  if config.split_tail:
+    o_ref, lse_ref, part_o_ref, part_lse_ref, *scratch = refs
+  else:
+    (o_ref, lse_ref, *scratch), part_o_ref, part_lse_ref = refs, None, None
+  (qo_smem, k_smem, v_smem, p_smem, lse_smem, q_bar, k_ready, v_ready, k_free,
+   v_free, turn) = scratch
   batch, seq_q, heads, _ = q_ref.shape
   seq_kv = k_ref.shape[1]
   block_k, num_stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
   block_q, consumers = config.block_q, config.consumers
   num_q = pl.cdiv(seq_q, block_q)
-  if config.persistent:  # tiles cta, cta + ctas, ...
+  num_k = seq_kv // block_k
+  tiles = num_q * heads * batch
+  whole = (num_k, (0, -1))  # all key blocks, written to o_ref and lse_ref
+  if config.split_tail:  # tiles cta, cta + ctas, ..., then its tail parts
     cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
-    count = lax.div(num_q * heads * batch - cta + ctas - 1, ctas)
-    tile_index = lambda n: fwd_tile(cta + n * ctas, num_q, heads, batch,
-                                    causal)
+    rounds = tiles // ctas
+    count = rounds + tail_parts(cta, ctas, tiles, num_k)
+
+    def tile_index(n):
+      t, first, blocks = tail_part(cta, n - rounds, ctas, tiles, num_k)
+      in_tail = n >= rounds
+      t = jnp.where(in_tail, rounds * ctas + t, cta + n * ctas)
+      split = (jnp.where(in_tail, blocks, num_k),
+               (jnp.where(in_tail, first, 0),
+                jnp.where(in_tail, 2 * cta + n - rounds, -1)))
+      return *fwd_tile(t, num_q, heads, batch, causal), split
+  elif config.persistent:  # tiles cta, cta + ctas, ...
+    cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
+    count = lax.div(tiles - cta + ctas - 1, ctas)
+    tile_index = lambda n: (*fwd_tile(cta + n * ctas, num_q, heads, batch,
+                                      causal), whole)
   else:  # one tile per CTA; causal: the longest rows first
     q = lax.axis_index('q')
     count = 1
     tile_index = lambda n: (num_q - 1 - q if causal else q,
-                            lax.axis_index('h'), lax.axis_index('b'))
+                            lax.axis_index('h'), lax.axis_index('b'), whole)
 
   def tile(n):  # what the consumers and the producer agree on
-    i, h, b = tile_index(n)
-    return i, h, b, kv_steps(i * block_q, block_q, block_k, seq_kv,
-                             causal_offset)
+    i, h, b, (blocks, part) = tile_index(n)
+    if causal:
+      steps = kv_steps(i * block_q, block_q, block_k, seq_kv, causal_offset)
+    else:
+      steps = (blocks, blocks)
+    return i, h, b, steps, part
 
   wg = lax.axis_index('wg')
 
@@ -623,7 +733,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
   def _():
     plgpu.set_max_registers(CONSUMER_REGS[consumers], action='increase')
     _fwd_consumer(
-        (q_ref, o_ref, lse_ref), (qo_smem, k_smem, v_smem, p_smem, lse_smem),
+        (q_ref, o_ref, lse_ref, part_o_ref, part_lse_ref), (qo_smem, k_smem, v_smem, p_smem, lse_smem),
         (q_bar, k_ready, v_ready, k_free, v_free, turn), wg=wg,
         count=count, tile=tile, sm_scale=scale_ref[0],
         causal_offset=causal_offset, config=config, interpret=interpret)
@@ -633,8 +743,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, o_ref, lse_ref, qo_smem, k_smem,
     plgpu.set_max_registers(PRODUCER_REGS, action='decrease')
 
     def produce_tile(n, base):
-      _, h, b, (_, total) = tile(n)
-      index = lambda step: (b, pl.ds(step * block_k, block_k),
+      _, h, b, (_, total), (first, _) = tile(n)
+      index = lambda step: (b, pl.ds((first + step) * block_k, block_k),
                             lax.div(h, group))
       produce([(k_free, [(tma_loader(k_ref, k_smem, index), k_ready)]),
                (v_free, [(tma_loader(v_ref, v_smem, index), v_ready)])],
@@ -665,6 +775,9 @@ def flash_fwd(q, k, v, *, sm_scale, causal, interpret, config=None):
   """(o [b, s_q, h, d], lse float32 [b, h, s_q]); inputs validated and
   unsupported() is None. interpret=True: Mosaic GPU interpret mode (CPU)."""
   config = config or MosaicConfig.default(q.shape[3], causal, k.shape[1])
+  if config.split_tail and causal:
+    raise ValueError('MosaicConfig.split_tail is for attention without the '
+                     'causal mask (its tiles differ in cost)')
   return _flash_fwd(q, k, v, scale_input(sm_scale), causal=causal,
                     interpret=interpret, config=config)
 
@@ -694,23 +807,35 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
       # Ping-pong's meeting; the stagger's, of warpgroups w and w + 1.
       plgpu.Barrier(num_arrivals=2, num_barriers=consumers - 1),
   ]
+  num_q = pl.cdiv(seq_q, config.block_q)
+  ctas = min(num_q * heads * batch, persistent_ctas(interpret))
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+              jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32))
+  split = config.split_tail and (num_q * heads * batch) % ctas
+  if split:  # the workspace: two parts a CTA
+    out_type += (jax.ShapeDtypeStruct((2 * ctas, 2, config.block_q, head_dim),
+                                      q.dtype),
+                 jax.ShapeDtypeStruct((2 * ctas, config.block_q), jnp.float32))
+  elif config.split_tail:  # every CTA runs as many tiles
+    config = dataclasses.replace(config, split_tail=False)
   kernel = functools.partial(
       _fwd_kernel, causal=causal, group=group, config=config,
       interpret=interpret_params(interpret) is not None)
-  num_q = pl.cdiv(seq_q, config.block_q)
-  return plgpu.kernel(
+  out = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)),
+      out_type=out_type,
       scratch_types=scratch,
-      grid=((min(num_q * heads * batch, persistent_ctas(interpret)),)
-            if config.persistent else (heads, num_q, batch)),
+      grid=(ctas,) if config.persistent else (heads, num_q, batch),
       grid_names=('cta',) if config.persistent else ('h', 'q', 'b'),
       num_threads=consumers + 1,
       thread_name='wg',
       compiler_params=COMPILER_PARAMS,
       interpret=interpret_params(interpret),
   )(q, k, v, scale)
+  if split:
+    return merge_tail(*out, ctas=ctas, block_q=config.block_q,
+                      num_k=k.shape[1] // block_k)
+  return out
 
 
 def qo_buffers(config):

@@ -100,6 +100,16 @@ FWD_CASES = [
     (Case(2, 256, 256, 2, 1, 96, False, jnp.float16),
      MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
                   consumers=3)),
+    # Split tail on 3 CTAs: 5 tiles of 8 key blocks, the last 2 in shares of
+    # 5, 5 and 6 blocks (the second CTA's crosses a tile boundary); 4 tiles
+    # of 4 blocks, the last in 3 parts; GQA across the tail; fp16.
+    (Case(1, 128, 512, 5, 1, 64, False),
+     MosaicConfig(64, 2, pingpong=True, persistent=True, split_tail=True)),
+    (Case(1, 256, 512, 2, 2, 128, False),
+     MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
+                  split_tail=True)),
+    (Case(2, 128, 384, 4, 2, 96, False, jnp.float16),
+     MosaicConfig(64, 2, overlap=True, persistent=True, split_tail=True)),
 ] + _random_cases(1)
 
 
@@ -109,7 +119,8 @@ def _fwd_config_id(config):
           f'{"_overlap" if config.overlap else ""}'
           f'{"_persistent" if config.persistent else ""}'
           f'{"_stagger" if config.stagger else ""}'
-          f'{f"_c{config.consumers}" if config.consumers != 2 else ""}')
+          f'{f"_c{config.consumers}" if config.consumers != 2 else ""}'
+          f'{"_split" if config.split_tail else ""}')
 
 
 def _case_id(case_config):
@@ -233,6 +244,20 @@ def test_fwd_interpret_no_races(config):
   q, k, v, *_ = _inputs(case, jax.random.PRNGKey(1))
   flash_mosaic.flash_fwd(
       q, k, v, sm_scale=0.125, causal=True, config=config,
+      interpret=plgpu.InterpretGPUParams(detect_races=True))
+  assert not gpu_callbacks.get_races().races_found
+
+
+def test_split_tail_interpret_no_races():
+  """The race detector over the split tail: 4 tiles on 3 CTAs, the last cut
+  in 3 parts, each part's O written twice (high, then low half) through the
+  Q/O buffer that the next tile's Q loads into two tiles later."""
+  case = Case(1, 256, 512, 2, 1, 64, False)
+  q, k, v, *_ = _inputs(case, jax.random.PRNGKey(1))
+  flash_mosaic.flash_fwd(
+      q, k, v, sm_scale=0.125, causal=False,
+      config=MosaicConfig(64, 2, overlap=True, persistent=True,
+                          split_tail=True),
       interpret=plgpu.InterpretGPUParams(detect_races=True))
   assert not gpu_callbacks.get_races().races_found
 
@@ -390,6 +415,14 @@ def test_variants_lower_for_sm90(head_dim, causal):
     o4, _ = flash_mosaic.flash_fwd(
         q, k, v, config=MosaicConfig(128, 2, overlap=True, persistent=True,
                                      stagger=True), **kwargs)
+    # The split tail (without the mask): 288 tiles on 132 CTAs.
+    x = jnp.zeros((2, 2048, 9, head_dim), jnp.bfloat16)
+    o6 = [flash_mosaic.flash_fwd(x, x, x, config=config, **kwargs)[0]
+          for config in [MosaicConfig(128, 2, overlap=True, persistent=True,
+                                      stagger=True, split_tail=True),
+                         MosaicConfig(128, 2, pingpong=True, persistent=True,
+                                      split_tail=True)]
+          if not causal]
     # Three consumers (up to d96): 1024 rows end in a 192-row tile with one.
     o5 = [flash_mosaic.flash_fwd(q, k, v, config=config, **kwargs)[0]
           for config in [MosaicConfig(128, 3, stagger=True, consumers=3),
@@ -407,7 +440,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
            [MosaicBwdConfig(block_q=128, block_k=128),
             MosaicBwdConfig(block_k=128, stagger=True),
             MosaicBwdConfig(block_k=128, stagger=True, persistent=True)]]
-    return bwd, o2, o3, o4, o5
+    return bwd, o2, o3, o4, o5, o6
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
 
@@ -449,6 +482,18 @@ def test_consumers_two_or_three_and_pingpong_two():
     MosaicConfig(consumers=4)
   with pytest.raises(ValueError, match='pingpong takes two consumers'):
     MosaicConfig(pingpong=True, consumers=3)
+
+
+def test_split_tail_needs_persistent_two_consumers_no_mask():
+  with pytest.raises(ValueError, match='split_tail needs persistent'):
+    MosaicConfig(split_tail=True)
+  with pytest.raises(ValueError, match='split_tail needs persistent'):
+    MosaicConfig(persistent=True, stagger=True, consumers=3, split_tail=True)
+  q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match='split_tail is for attention without'):
+    _lowered_for_sm90(lambda q: flash_mosaic.flash_fwd(
+        q, q, q, sm_scale=0.1, causal=True, interpret=False,
+        config=MosaicConfig(persistent=True, split_tail=True)), q)
 
 
 def test_fused_needs_head_dim_64_or_128():
@@ -605,6 +650,33 @@ def test_gpu_matches_reference(case):
   ours = functools.partial(fa.flash_attention, backend='mosaic')
   check_with_grads(ours, q, k, v, do, dlse, with_lse=with_lse,
                    tol=TOL[case.dtype], lse_tol=1e-4, causal=case.causal)
+
+
+# The split tail where the tiles do not divide among the SMs: d128 of 288
+# tiles (24 left over, about 3 key blocks a CTA); d64 of 320 with 256-key
+# blocks; d80 of 256 tiles of 8 key blocks (124 left over, a CTA's share
+# of 7 or 8 blocks crossing a tile boundary).
+GPU_SPLIT_CASES = [
+    (Case(2, 2048, 2048, 9, 3, 128, False),
+     MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
+                  split_tail=True)),
+    (Case(2, 4096, 4096, 5, 5, 64, False, jnp.float16),
+     MosaicConfig(256, 2, pingpong=True, persistent=True, split_tail=True)),
+    (GPU_CASES[6],
+     MosaicConfig(128, 2, pingpong=True, persistent=True, split_tail=True)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason=GPU_ONLY)
+@pytest.mark.parametrize('case,config', GPU_SPLIT_CASES,
+                         ids=[str(c) for c, _ in GPU_SPLIT_CASES])
+def test_gpu_split_tail_matches_reference(case, config):
+  q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(9))
+  ours = functools.partial(fa.flash_attention, backend='mosaic',
+                           mosaic_config=fa.MosaicTuning(fwd=config))
+  check_with_grads(ours, q, k, v, do, dlse, with_lse=True,
+                   tol=TOL[case.dtype], lse_tol=1e-4, causal=False)
 
 
 @pytest.mark.gpu
