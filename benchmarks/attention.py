@@ -294,6 +294,13 @@ def mosaic_variants(head_dim):
   if head_dim <= 64:
     fwd.append(MosaicConfig(256, 2, pingpong=True, persistent=True,
                             split_tail=True))
+  # Tiles dealt by list scheduling (with the mask only).
+  fwd += [MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
+                       balance=True),
+          MosaicConfig(128, 2, pingpong=True, persistent=True, balance=True)]
+  if head_dim <= 64:
+    fwd.append(MosaicConfig(128, 3, pingpong=True, persistent=True,
+                            balance=True))
   if head_dim <= 96:  # three consumers' 160 registers: d64, d80/d96 spill
     fwd += [MosaicConfig(128, stages, consumers=3, **schedule)
             for stages in (2, 3)
@@ -324,7 +331,8 @@ def describe_mosaic(part, tuning):
             f'{" persistent" if c.persistent else ""}'
             f'{" stagger" if c.stagger else ""}'
             f'{f" c{c.consumers}" if c.consumers != 2 else ""}'
-            f'{" split" if c.split_tail else ""}')
+            f'{" split" if c.split_tail else ""}'
+            f'{" balance" if c.balance else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
@@ -351,8 +359,9 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
     name = describe_mosaic(part, tuning)
     if part not in parts or (names is not None and name not in names):
       continue
-    if part == 'fwd' and tuning.fwd.split_tail and causal:
-      continue  # without the mask only
+    if part == 'fwd' and (tuning.fwd.split_tail and causal or
+                          tuning.fwd.balance and not causal):
+      continue  # split: without the mask only; balance: with it
     record = dict(shape=shape.name, causal=causal, part=part, variant=name)
     reports = []
     try:

@@ -21,6 +21,7 @@ segment_ids.
 """
 import dataclasses
 import functools
+import heapq
 import math
 
 import jax
@@ -87,6 +88,12 @@ class MosaicConfig:
     while the rest idle. A CTA's share spans at most two tiles; it writes
     each part's normalized O (as a bf16/fp16 pair, high and low, about 16
     bits of mantissa) and lse to a workspace that the wrapper merges by lse.
+  balance: persistent: tiles go to CTAs by list scheduling on their key
+    steps (in launch order, each to the CTA that frees up first; a table
+    made when tracing), not every SM-count-th to each. With the mask, tile
+    costs differ (1 to num_k steps), and dealing them round-robin leaves
+    some CTAs up to 3% (d64, 4096 keys) or 49% (d128, 1024 keys) more steps
+    than the mean; by list scheduling under 2.5%.
   """
 
   block_k: int = 128
@@ -97,10 +104,16 @@ class MosaicConfig:
   stagger: bool = False
   consumers: int = NUM_CONSUMERS
   split_tail: bool = False
+  balance: bool = False
 
   def __post_init__(self):
     if self.split_tail and not (self.persistent and self.consumers == 2):
       raise ValueError('split_tail needs persistent and two consumers')
+    if self.balance and not self.persistent:
+      raise ValueError('balance is for the persistent forward')
+    if self.balance and self.split_tail:
+      raise ValueError('balance is for tiles of unequal cost (the causal '
+                       'mask), split_tail for equal ones: not both')
     if self.stagger and self.pingpong:
       raise ValueError('stagger is for schedules without pingpong')
     if self.consumers not in CONSUMER_REGS:
@@ -387,6 +400,30 @@ def tail_parts(cta, ctas, tiles, num_k):
   """How many parts CTA cta has (0, 1 or 2)."""
   return sum(jnp.where(tail_part(cta, m, ctas, tiles, num_k)[2] > 0, 1, 0)
              for m in (0, 1))
+
+
+def balanced_order(ctas, num_q, heads, batch, block_q, block_k, seq_kv,
+                   causal):
+  """balance: (order [ctas, most tiles] int32, count [ctas] int32), CTA c
+  running tiles order[c, :count[c]]: tiles in launch order (fwd_tile's), each
+  to the CTA with the fewest steps so far, a tile costing its key steps
+  plus one (its Q load and O store, about a step's time)."""
+  with jax.ensure_compile_time_eval():
+    i, _, _ = fwd_tile(jnp.arange(num_q * heads * batch), num_q, heads,
+                       batch, causal)
+    _, steps = kv_steps(i * block_q, block_q, block_k, seq_kv,
+                        seq_kv - num_q * block_q if causal else None)
+    costs = np.broadcast_to(np.asarray(steps), i.shape) + 1
+  free = [(0, c) for c in range(ctas)]  # (steps so far, cta): a heap
+  tiles = [[] for _ in range(ctas)]
+  for t, cost in enumerate(costs.tolist()):
+    load, c = heapq.heappop(free)
+    tiles[c].append(t)
+    heapq.heappush(free, (load + cost, c))
+  order = np.zeros((ctas, max(map(len, tiles))), np.int32)
+  for c, mine in enumerate(tiles):
+    order[c, :len(mine)] = mine
+  return order, np.array(list(map(len, tiles)), np.int32)
 
 
 def merge_tail(o, lse, part_o, part_lse, *, ctas, block_q, num_k):
@@ -680,6 +717,8 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
 
 def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, *refs, causal, group, config,
                 interpret):
+  if config.balance:  # inputs: each CTA's tiles and how many
+    order_ref, count_ref, *refs = refs
   if config.split_tail:
     o_ref, lse_ref, part_o_ref, part_lse_ref, *scratch = refs
   else:
@@ -708,6 +747,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, *refs, causal, group, config,
                (jnp.where(in_tail, first, 0),
                 jnp.where(in_tail, 2 * cta + n - rounds, -1)))
       return *fwd_tile(t, num_q, heads, batch, causal), split
+  elif config.balance:
+    cta = lax.axis_index('cta')
+    count = count_ref[cta]
+    tile_index = lambda n: (*fwd_tile(order_ref[cta, n], num_q, heads, batch,
+                                      causal), whole)
   elif config.persistent:  # tiles cta, cta + ctas, ...
     cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
     count = lax.div(tiles - cta + ctas - 1, ctas)
@@ -821,6 +865,9 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
   kernel = functools.partial(
       _fwd_kernel, causal=causal, group=group, config=config,
       interpret=interpret_params(interpret) is not None)
+  tables = (balanced_order(ctas, num_q, heads, batch, config.block_q, block_k,
+                           k.shape[1], causal)
+            if config.balance else ())
   out = plgpu.kernel(
       kernel,
       out_type=out_type,
@@ -831,7 +878,7 @@ def _flash_fwd(q, k, v, scale, *, causal, interpret, config):
       thread_name='wg',
       compiler_params=COMPILER_PARAMS,
       interpret=interpret_params(interpret),
-  )(q, k, v, scale)
+  )(q, k, v, scale, *tables)
   if split:
     return merge_tail(*out, ctas=ctas, block_q=config.block_q,
                       num_k=k.shape[1] // block_k)

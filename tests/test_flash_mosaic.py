@@ -110,6 +110,13 @@ FWD_CASES = [
                   split_tail=True)),
     (Case(2, 128, 384, 4, 2, 96, False, jnp.float16),
      MosaicConfig(64, 2, overlap=True, persistent=True, split_tail=True)),
+    # Balanced (list-scheduled) causal tiles on 3 CTAs, counts differing by
+    # CTA; with no-key rows (tiles of no step) and staggered overlap.
+    (Case(1, 384, 384, 3, 1, 64, True),
+     MosaicConfig(64, 2, pingpong=True, persistent=True, balance=True)),
+    (Case(2, 384, 128, 2, 1, 128, True),
+     MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
+                  balance=True)),
 ] + _random_cases(1)
 
 
@@ -120,7 +127,8 @@ def _fwd_config_id(config):
           f'{"_persistent" if config.persistent else ""}'
           f'{"_stagger" if config.stagger else ""}'
           f'{f"_c{config.consumers}" if config.consumers != 2 else ""}'
-          f'{"_split" if config.split_tail else ""}')
+          f'{"_split" if config.split_tail else ""}'
+          f'{"_balance" if config.balance else ""}')
 
 
 def _case_id(case_config):
@@ -232,9 +240,10 @@ def test_bwd_interpret_matches_reference_vjp(case, config):
     MosaicConfig(64, 2), MosaicConfig(64, 2, pingpong=True, overlap=True),
     MosaicConfig(64, 2, overlap=True, persistent=True),
     MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
-                 consumers=3)],
+                 consumers=3),
+    MosaicConfig(64, 2, pingpong=True, persistent=True, balance=True)],
                          ids=['plain', 'pingpong_overlap', 'persistent',
-                              'persistent_c3'])
+                              'persistent_c3', 'balance'])
 def test_fwd_interpret_no_races(config):
   """The interpreter's happens-before race detector over the mbarrier
   protocol (TMA writes vs. reads of the K/V slots and the Q/O tiles; with
@@ -423,6 +432,13 @@ def test_variants_lower_for_sm90(head_dim, causal):
                          MosaicConfig(128, 2, pingpong=True, persistent=True,
                                       split_tail=True)]
           if not causal]
+    # Balanced causal tiles (a table of each CTA's tiles).
+    o7 = [flash_mosaic.flash_fwd(x, x, x, config=config, **kwargs)[0]
+          for config in [MosaicConfig(128, 2, overlap=True, persistent=True,
+                                      stagger=True, balance=True),
+                         MosaicConfig(128, 2, pingpong=True, persistent=True,
+                                      balance=True)]
+          if causal]
     # Three consumers (up to d96): 1024 rows end in a 192-row tile with one.
     o5 = [flash_mosaic.flash_fwd(q, k, v, config=config, **kwargs)[0]
           for config in [MosaicConfig(128, 3, stagger=True, consumers=3),
@@ -440,7 +456,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
            [MosaicBwdConfig(block_q=128, block_k=128),
             MosaicBwdConfig(block_k=128, stagger=True),
             MosaicBwdConfig(block_k=128, stagger=True, persistent=True)]]
-    return bwd, o2, o3, o4, o5, o6
+    return bwd, o2, o3, o4, o5, o6, o7
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
 
@@ -484,12 +500,16 @@ def test_consumers_two_or_three_and_pingpong_two():
     MosaicConfig(pingpong=True, consumers=3)
 
 
-def test_split_tail_needs_persistent_two_consumers_no_mask():
+def test_split_tail_and_balance_configs():
   with pytest.raises(ValueError, match='split_tail needs persistent'):
     MosaicConfig(split_tail=True)
   with pytest.raises(ValueError, match='split_tail needs persistent'):
     MosaicConfig(persistent=True, stagger=True, consumers=3, split_tail=True)
   q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match='balance is for the persistent'):
+    MosaicConfig(balance=True)
+  with pytest.raises(ValueError, match='not both'):
+    MosaicConfig(persistent=True, balance=True, split_tail=True)
   with pytest.raises(ValueError, match='split_tail is for attention without'):
     _lowered_for_sm90(lambda q: flash_mosaic.flash_fwd(
         q, q, q, sm_scale=0.1, causal=True, interpret=False,
@@ -665,6 +685,17 @@ GPU_SPLIT_CASES = [
     (GPU_CASES[6],
      MosaicConfig(128, 2, pingpong=True, persistent=True, split_tail=True)),
 ]
+# Balanced causal tiles: d64 with 3 stages (the default's), d128 staggered,
+# no-key rows at d96.
+GPU_BALANCE_CASES = [
+    (Case(4, 2048, 2048, 8, 2, 64, True),
+     MosaicConfig(128, 3, pingpong=True, persistent=True, balance=True)),
+    (Case(8, 1024, 1024, 8, 4, 128, True, jnp.float16),
+     MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
+                  balance=True)),
+    (GPU_CASES[8],
+     MosaicConfig(128, 2, pingpong=True, persistent=True, balance=True)),
+]
 
 
 @pytest.mark.gpu
@@ -677,6 +708,19 @@ def test_gpu_split_tail_matches_reference(case, config):
                            mosaic_config=fa.MosaicTuning(fwd=config))
   check_with_grads(ours, q, k, v, do, dlse, with_lse=True,
                    tol=TOL[case.dtype], lse_tol=1e-4, causal=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason=GPU_ONLY)
+@pytest.mark.parametrize('case,config', GPU_BALANCE_CASES,
+                         ids=[str(c) for c, _ in GPU_BALANCE_CASES])
+def test_gpu_balance_matches_reference(case, config):
+  q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(10))
+  with_lse = not _has_empty_rows(case, None, case.seq_q, case.seq_kv)
+  ours = functools.partial(fa.flash_attention, backend='mosaic',
+                           mosaic_config=fa.MosaicTuning(fwd=config))
+  check_with_grads(ours, q, k, v, do, dlse, with_lse=with_lse,
+                   tol=TOL[case.dtype], lse_tol=1e-4, causal=True)
 
 
 @pytest.mark.gpu
