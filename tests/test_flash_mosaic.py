@@ -698,29 +698,23 @@ GPU_BALANCE_CASES = [
 ]
 
 
+GPU_SCHEDULE_CASES = GPU_SPLIT_CASES + GPU_BALANCE_CASES
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason=GPU_ONLY)
-@pytest.mark.parametrize('case,config', GPU_SPLIT_CASES,
-                         ids=[str(c) for c, _ in GPU_SPLIT_CASES])
-def test_gpu_split_tail_matches_reference(case, config):
+@pytest.mark.parametrize('case,config', GPU_SCHEDULE_CASES,
+                         ids=[f'{c}_{_fwd_config_id(f)}'
+                              for c, f in GPU_SCHEDULE_CASES])
+def test_gpu_schedules_match_reference(case, config):
+  """The split tail and balanced tiles, gradients included (the backward
+  takes the forward's lse)."""
   q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(9))
-  ours = functools.partial(fa.flash_attention, backend='mosaic',
-                           mosaic_config=fa.MosaicTuning(fwd=config))
-  check_with_grads(ours, q, k, v, do, dlse, with_lse=True,
-                   tol=TOL[case.dtype], lse_tol=1e-4, causal=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason=GPU_ONLY)
-@pytest.mark.parametrize('case,config', GPU_BALANCE_CASES,
-                         ids=[str(c) for c, _ in GPU_BALANCE_CASES])
-def test_gpu_balance_matches_reference(case, config):
-  q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(10))
   with_lse = not _has_empty_rows(case, None, case.seq_q, case.seq_kv)
   ours = functools.partial(fa.flash_attention, backend='mosaic',
                            mosaic_config=fa.MosaicTuning(fwd=config))
   check_with_grads(ours, q, k, v, do, dlse, with_lse=with_lse,
-                   tol=TOL[case.dtype], lse_tol=1e-4, causal=True)
+                   tol=TOL[case.dtype], lse_tol=1e-4, causal=case.causal)
 
 
 @pytest.mark.gpu
