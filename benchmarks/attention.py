@@ -310,7 +310,9 @@ def mosaic_variants(head_dim):
                                   stagger=True))]
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
          MosaicBwdConfig(block_k=128, stagger=True),
-         MosaicBwdConfig(block_k=128, stagger=True, persistent=True)]
+         MosaicBwdConfig(block_k=128, stagger=True, persistent=True),
+         MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
+                         balance=True)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
@@ -337,6 +339,7 @@ def describe_mosaic(part, tuning):
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
           f'{" persistent" if c.persistent else ""}'
+          f'{" balance" if c.balance else ""}'
           f'{" late_dq" if c.late_dq_store else ""}')
 
 

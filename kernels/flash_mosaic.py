@@ -402,28 +402,32 @@ def tail_parts(cta, ctas, tiles, num_k):
              for m in (0, 1))
 
 
+def list_schedule(steps, ctas):
+  """balance: (order [ctas, most tiles] int32, count [ctas] int32), CTA c
+  running tiles order[c, :count[c]]: tiles in launch order, each to the CTA
+  with the fewest steps so far, a tile costing its `steps` plus one (its own
+  tiles' load and output store, about a step's time)."""
+  free = [(0, c) for c in range(ctas)]  # (steps so far, cta): a heap
+  tiles = [[] for _ in range(ctas)]
+  for t, cost in enumerate(np.asarray(steps).tolist()):
+    load, c = heapq.heappop(free)
+    tiles[c].append(t)
+    heapq.heappush(free, (load + cost + 1, c))
+  order = np.zeros((ctas, max(map(len, tiles))), np.int32)
+  for c, mine in enumerate(tiles):
+    order[c, :len(mine)] = mine
+  return order, np.array(list(map(len, tiles)), np.int32)
+
+
 def balanced_order(ctas, num_q, heads, batch, block_q, block_k, seq_kv,
                    causal):
-  """balance: (order [ctas, most tiles] int32, count [ctas] int32), CTA c
-  running tiles order[c, :count[c]]: tiles in launch order (fwd_tile's), each
-  to the CTA with the fewest steps so far, a tile costing its key steps
-  plus one (its Q load and O store, about a step's time)."""
+  """list_schedule of the forward's tiles in fwd_tile's order."""
   with jax.ensure_compile_time_eval():
     i, _, _ = fwd_tile(jnp.arange(num_q * heads * batch), num_q, heads,
                        batch, causal)
     _, steps = kv_steps(i * block_q, block_q, block_k, seq_kv,
                         seq_kv - num_q * block_q if causal else None)
-    costs = np.broadcast_to(np.asarray(steps), i.shape) + 1
-  free = [(0, c) for c in range(ctas)]  # (steps so far, cta): a heap
-  tiles = [[] for _ in range(ctas)]
-  for t, cost in enumerate(costs.tolist()):
-    load, c = heapq.heappop(free)
-    tiles[c].append(t)
-    heapq.heappush(free, (load + cost, c))
-  order = np.zeros((ctas, max(map(len, tiles))), np.int32)
-  for c, mine in enumerate(tiles):
-    order[c, :len(mine)] = mine
-  return order, np.array(list(map(len, tiles)), np.int32)
+    return list_schedule(np.broadcast_to(np.asarray(steps), i.shape), ctas)
 
 
 def merge_tail(o, lse, part_o, part_lse, *, ctas, block_q, num_k):

@@ -21,6 +21,7 @@ import math
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -58,6 +59,10 @@ class MosaicBwdConfig:
     waiting, so a tile's prologue and epilogue overlap its neighbours'
     work. At d128 the dQ kernel has room for one Q/dO buffer: a tile loads
     its own at its start.
+  balance: persistent: each kernel's tiles go to CTAs by list scheduling on
+    their steps (fm.list_schedule, as the forward's MosaicConfig.balance),
+    not every SM-count-th to each: with the mask a dK/dV tile has 1 to
+    group * seq_q / block_q steps and a dQ tile 1 to seq_kv / block_k.
   late_dq_store: fused: step j's dQ part is stored to smem and reduce-added
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
@@ -70,6 +75,7 @@ class MosaicBwdConfig:
   stagger: bool = False
   persistent: bool = False
   late_dq_store: bool = False
+  balance: bool = False
 
   @classmethod
   def default(cls, head_dim):
@@ -92,6 +98,8 @@ class MosaicBwdConfig:
       raise ValueError('persistent is for the two-kernel backward')
     if self.late_dq_store and not self.fused:
       raise ValueError('late_dq_store is for the fused backward')
+    if self.balance and not self.persistent:
+      raise ValueError('balance is for the persistent backward')
 
 
 def _row_stats(ref, dim, *, gmem=False):
@@ -402,7 +410,9 @@ def _q_range(k_start, block_q, seq_q, causal_offset):
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
                  *refs, causal, group, config, interpret):
-  # Fused: a float32 dQ input that the kernel adds into, before the outputs.
+  # balance: the tile table's two inputs; fused: a float32 dQ input that the
+  # kernel adds into. Then the outputs.
+  table, refs = (refs[:2], refs[2:]) if config.balance else (None, refs)
   dq_ref = refs[0] if config.fused else None
   dk_ref, dv_ref, *scratch = refs[1:] if config.fused else refs
   smem, bars = scratch[:9], scratch[9:]
@@ -410,8 +420,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
   seq_q = q_ref.shape[1]
   causal_offset = seq_kv - seq_q if causal else None
   grid = (kv_heads, seq_kv // BLOCK_K, batch)
-  index = _tile_index(grid, config.persistent)
-  count = _tile_count(grid, config.persistent)
+  index, count = _tiles(grid, config.persistent, table)
 
   def tile(n):  # what the consumers and the producer agree on
     kv_h, k_block, b = index(n)
@@ -463,37 +472,55 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
 GRID_NAMES = ('x', 'y', 'z')
 
 
-def _tile_count(grid, persistent):
-  """A CTA's tiles: persistent, tiles cta, cta + ctas, ... of `grid`;
-  otherwise its own (the int 1)."""
+def _tiles(grid, persistent, table=None):
+  """(index, count): index(n) is the grid index of a CTA's n-th tile, of
+  `count`. Persistent: tiles in launch order (the first dim fastest), cta,
+  cta + ctas, ..., or with a table (order and count refs, balance) those
+  of order[cta, :count[cta]]. Otherwise its own tile (count the int 1)."""
   if not persistent:
-    return 1
+    return lambda n: tuple(map(lax.axis_index, GRID_NAMES)), 1
   cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
-  return lax.div(math.prod(grid) - cta + ctas - 1, ctas)
-
-
-def _tile_index(grid, persistent):
-  """index(n): the grid index of a CTA's n-th tile, tiles in launch order
-  (the first dim fastest) when persistent."""
-  if not persistent:
-    return lambda n: tuple(map(lax.axis_index, GRID_NAMES))
-  cta, ctas = lax.axis_index('cta'), lax.axis_size('cta')
+  if table is None:
+    tile = lambda n: cta + n * ctas
+    count = lax.div(math.prod(grid) - cta + ctas - 1, ctas)
+  else:
+    order_ref, count_ref = table
+    tile = lambda n: order_ref[cta, n]
+    count = count_ref[cta]
 
   def index(n):
-    i, out = cta + n * ctas, []
+    i, out = tile(n), []
     for size in grid[:-1]:
       out.append(lax.rem(i, size))
       i = lax.div(i, size)
     return (*out, i)
-  return index
+  return index, count
 
 
 def _launch_grid(grid, persistent, interpret):
   """plgpu.kernel's grid and grid_names: one CTA per SM when persistent."""
   if persistent:
-    return dict(grid=(min(math.prod(grid), fm.persistent_ctas(interpret)),),
-                grid_names=('cta',))
+    return dict(grid=(_ctas(grid, interpret),), grid_names=('cta',))
   return dict(grid=grid, grid_names=GRID_NAMES)
+
+
+def _ctas(grid, interpret):
+  return min(math.prod(grid), fm.persistent_ctas(interpret))
+
+
+def _balanced_table(grid, interpret, steps):
+  """balance: the kernel's (order, count) inputs, from steps(*grid index)
+  over all tiles in launch order (the first grid dim fastest)."""
+  with jax.ensure_compile_time_eval():
+    index = np.unravel_index(np.arange(math.prod(grid)), grid, order='F')
+    tile_steps = np.broadcast_to(np.asarray(steps(*index)), index[0].shape)
+  return fm.list_schedule(tile_steps, _ctas(grid, interpret))
+
+
+def _dq_block(i, num_q, causal):
+  """The query block of the dQ kernel's grid index i: causal, the longest
+  rows first."""
+  return num_q - 1 - i if causal else i
 
 
 def _dq_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
@@ -578,21 +605,21 @@ def _dq_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, scale_ref,
-               dq_ref, *scratch, causal, group, config, interpret):
+               *refs, causal, group, config, interpret):
+  # balance: the tile table's two inputs, then the output.
+  table, refs = (refs[:2], refs[2:]) if config.balance else (None, refs)
+  dq_ref, *scratch = refs
   smem, bars = scratch[:5], scratch[5:]
   batch, seq_q, heads, _ = q_ref.shape
   seq_kv = k_ref.shape[1]
   block_k, stages = config.block_k, config.num_stages
   causal_offset = seq_kv - seq_q if causal else None
   grid = (heads, seq_q // fm.BLOCK_Q, batch)
-  index = _tile_index(grid, config.persistent)
-  count = _tile_count(grid, config.persistent)
+  index, count = _tiles(grid, config.persistent, table)
 
   def tile(n):  # what the consumers and the producer agree on
     h, i, b = index(n)
-    if causal:  # the longest rows first
-      i = seq_q // fm.BLOCK_Q - 1 - i
-    q_start = i * fm.BLOCK_Q
+    q_start = _dq_block(i, grid[1], causal) * fm.BLOCK_Q
     return h, b, q_start, fm.kv_steps(q_start, fm.BLOCK_Q, block_k, seq_kv,
                                       causal_offset)
 
@@ -686,6 +713,24 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
   dq_buffers = buffers if head_dim <= 96 else 1
   dq_own_tile = fm.smem((dq_buffers, *wg_tile), dtype)
   dq_own_bars = plgpu.Barrier(num_barriers=dq_buffers * fm.NUM_CONSUMERS)
+  causal_offset = seq_kv - seq_q if causal else None
+  dkdv_grid = (kv_heads, seq_kv // BLOCK_K, batch)
+  dq_grid = (heads, seq_q // fm.BLOCK_Q, batch)
+  if config.balance:
+    def dkdv_steps(kv_h, k_block, b):
+      del kv_h, b
+      lo, _, num_q = _q_range(k_block * BLOCK_K, bq, seq_q, causal_offset)
+      return group * (num_q - lo)
+
+    def dq_steps(h, i, b):
+      del h, b
+      q_start = _dq_block(i, dq_grid[1], causal) * fm.BLOCK_Q
+      return fm.kv_steps(q_start, fm.BLOCK_Q, bk, seq_kv, causal_offset)[1]
+
+    dkdv_table = _balanced_table(dkdv_grid, interpret, dkdv_steps)
+    dq_table = _balanced_table(dq_grid, interpret, dq_steps)
+  else:
+    dkdv_table = dq_table = ()
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, interpret=interpret is not None,
                         **kwargs),
@@ -711,10 +756,10 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           per_wg if fused and interpret else None,
           meeting],
-      **_launch_grid((kv_heads, seq_kv // BLOCK_K, batch), config.persistent,
-                     interpret),
+      **_launch_grid(dkdv_grid, config.persistent, interpret),
       **mesh,
-  )(q, k, v, do, lse2, delta, scale, *([dq_acc] if fused else []))
+  )(q, k, v, do, lse2, delta, scale, *dkdv_table,
+    *([dq_acc] if fused else []))
   if fused:
     return (jax.freeze(dq_acc) * scale[0]).astype(dtype), dk, dv
 
@@ -729,8 +774,7 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           staging(bk),
           dq_own_bars, dq_own_bars, per_stage, per_stage, freed, freed,
           meeting],
-      **_launch_grid((heads, seq_q // fm.BLOCK_Q, batch), config.persistent,
-                     interpret),
+      **_launch_grid(dq_grid, config.persistent, interpret),
       **mesh,
-  )(q, k, v, do, lse2, delta, scale)
+  )(q, k, v, do, lse2, delta, scale, *dq_table)
   return dq, dk, dv

@@ -200,6 +200,13 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], LATE_DQ),
     (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), LATE_DQ),
     (Case(1, 192, 256, 3, 1, 64, True), LATE_DQ),
+    # Persistent with balanced tiles (3 CTAs): GQA causal, 8 dK/dV tiles of
+    # 2 batch rows and 8 dQ tiles, staggered; no-key rows, MQA.
+    (Case(2, 256, 512, 4, 2, 128, True),
+     MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
+                     balance=True)),
+    (Case(1, 384, 128, 2, 1, 64, True),
+     MosaicBwdConfig(persistent=True, balance=True)),
 ]
 
 
@@ -211,6 +218,7 @@ def _bwd_config_id(config):
           (f'_q{config.block_q}' if config.block_q != 64 else '') +
           ('_stagger' if config.stagger else '') +
           ('_persistent' if config.persistent else '') +
+          ('_balance' if config.balance else '') +
           ('_late_dq' if config.late_dq_store else ''))
 
 
@@ -271,10 +279,11 @@ def test_split_tail_interpret_no_races():
   assert not gpu_callbacks.get_races().races_found
 
 
+@pytest.mark.parametrize('balance', [False, True])
 @pytest.mark.parametrize('head_dim', [64, 128])
-def test_persistent_bwd_interpret_no_races(head_dim):
-  """The race detector over the persistent backward: 8 dK/dV tiles and 8
-  dQ tiles on 3 CTAs, each consumer loading a tile's own K and V (or Q and
+def test_persistent_bwd_interpret_no_races(head_dim, balance):
+  """The race detector over the persistent backward (tiles round-robin or
+  balanced): 8 dK/dV tiles and 8 dQ tiles on 3 CTAs, each consumer loading a tile's own K and V (or Q and
   dO) into the buffer whose output stores (two tiles back; at d128 the dQ
   kernel's one buffer: the last tile) must have read it first."""
   case = Case(2, 256, 512, 2, 1, head_dim, True)
@@ -282,7 +291,8 @@ def test_persistent_bwd_interpret_no_races(head_dim):
   o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
   jax.block_until_ready(flash_mosaic_vjp.flash_bwd(
       q, k, v, o, lse, do.astype(q.dtype), None, sm_scale=0.125, causal=True,
-      config=MosaicBwdConfig(block_k=128, stagger=True, persistent=True),
+      config=MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
+                             balance=balance),
       interpret=plgpu.InterpretGPUParams(detect_races=True)))
   assert not gpu_callbacks.get_races().races_found
 
@@ -455,7 +465,9 @@ def test_variants_lower_for_sm90(head_dim, causal):
             if head_dim <= 96 else []) +
            [MosaicBwdConfig(block_q=128, block_k=128),
             MosaicBwdConfig(block_k=128, stagger=True),
-            MosaicBwdConfig(block_k=128, stagger=True, persistent=True)]]
+            MosaicBwdConfig(block_k=128, stagger=True, persistent=True),
+            MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
+                            balance=True)]]
     return bwd, o2, o3, o4, o5, o6, o7
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -491,6 +503,8 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicBwdConfig(fused=True, persistent=True)
   with pytest.raises(ValueError, match='late_dq_store is for the fused'):
     MosaicBwdConfig(late_dq_store=True)
+  with pytest.raises(ValueError, match='balance is for the persistent'):
+    MosaicBwdConfig(balance=True)
 
 
 def test_consumers_two_or_three_and_pingpong_two():
@@ -749,6 +763,8 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True)),
     fa.MosaicTuning(bwd=LATE_DQ),
+    fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
+                                        persistent=True, balance=True)),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
