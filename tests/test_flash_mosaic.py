@@ -283,9 +283,10 @@ def test_split_tail_interpret_no_races():
 @pytest.mark.parametrize('head_dim', [64, 128])
 def test_persistent_bwd_interpret_no_races(head_dim, balance):
   """The race detector over the persistent backward (tiles round-robin or
-  balanced): 8 dK/dV tiles and 8 dQ tiles on 3 CTAs, each consumer loading a tile's own K and V (or Q and
-  dO) into the buffer whose output stores (two tiles back; at d128 the dQ
-  kernel's one buffer: the last tile) must have read it first."""
+  balanced): 8 dK/dV tiles and 8 dQ tiles on 3 CTAs, each consumer loading
+  a tile's own K and V (or Q and dO) into the buffer whose output stores
+  (two tiles back; at d128 the dQ kernel's one buffer: the last tile) must
+  have read it first."""
   case = Case(2, 256, 512, 2, 1, head_dim, True)
   q, k, v, do, _, _ = _inputs(case, jax.random.PRNGKey(8))
   o, lse = reference_attention(q, k, v, causal=True, return_lse=True)
