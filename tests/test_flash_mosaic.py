@@ -713,25 +713,6 @@ GPU_BALANCE_CASES = [
 ]
 
 
-GPU_SCHEDULE_CASES = GPU_SPLIT_CASES + GPU_BALANCE_CASES
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason=GPU_ONLY)
-@pytest.mark.parametrize('case,config', GPU_SCHEDULE_CASES,
-                         ids=[f'{c}_{_fwd_config_id(f)}'
-                              for c, f in GPU_SCHEDULE_CASES])
-def test_gpu_schedules_match_reference(case, config):
-  """The split tail and balanced tiles, gradients included (the backward
-  takes the forward's lse)."""
-  q, k, v, do, dlse, _ = _inputs(case, jax.random.PRNGKey(9))
-  with_lse = not _has_empty_rows(case, None, case.seq_q, case.seq_kv)
-  ours = functools.partial(fa.flash_attention, backend='mosaic',
-                           mosaic_config=fa.MosaicTuning(fwd=config))
-  check_with_grads(ours, q, k, v, do, dlse, with_lse=with_lse,
-                   tol=TOL[case.dtype], lse_tol=1e-4, causal=case.causal)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason=GPU_ONLY)
 def test_gpu_auto_picks_mosaic_on_hopper():
@@ -792,7 +773,11 @@ def _variant_runs(case, tuning):
 
 GPU_VARIANT_PAIRS = [
     (case, variant) for case in GPU_VARIANT_CASES for variant in GPU_VARIANTS
-    if _variant_runs(case, variant)]
+    if _variant_runs(case, variant)] + [
+        # The split tail and balanced tiles on their own cases (the
+        # backward takes the forward's lse).
+        (case, fa.MosaicTuning(fwd=config))
+        for case, config in GPU_SPLIT_CASES + GPU_BALANCE_CASES]
 
 
 def _variant_id(tuning):
