@@ -85,7 +85,8 @@ class MosaicTuning:
   def block_k(self, head_dim):
     """The largest key block the kernels step by: seq_kv must be a multiple
     (the default forward takes 128 keys where 256 do not divide seq_kv)."""
-    bwd = self.bwd or MosaicBwdConfig.default(head_dim)
+    # The default backward's key block does not depend on the mask.
+    bwd = self.bwd or MosaicBwdConfig.default(head_dim, causal=False)
     return max(self.fwd.block_k if self.fwd else 128,
                flash_mosaic_vjp.BLOCK_K, 0 if bwd.fused else bwd.block_k)
 

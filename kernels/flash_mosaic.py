@@ -156,20 +156,25 @@ class MosaicConfig:
                  persistent=not causal and seq_kv > 8192)
     if head_dim <= 64:  # a 256-key block only without the mask
       persistent = not causal or seq_kv <= 4096
+      tiles = dict(persistent=persistent, balance=causal and persistent,
+                   split_tail=not causal and seq_kv >= 4096)
       if not causal and seq_kv % 256 == 0:
-        return cls(256, 2, pingpong=True, persistent=persistent)
-      return cls(128, 3, pingpong=True, persistent=persistent)
+        return cls(256, 2, pingpong=True, **tiles)
+      return cls(128, 3, pingpong=True, **tiles)
     if head_dim < 128 and seq_kv >= 8192 and (causal or head_dim <= 80):
       return cls(128, 2, overlap=not causal, stagger=True, consumers=3)
     if head_dim < 128 and seq_kv <= 8192:
-      return cls(128, 2, pingpong=True, persistent=True)
+      return cls(128, 2, pingpong=True, persistent=True, balance=causal)
     # Shared memory (bf16): Q/O 128 x d (persistent: twice), plus stages x 2
     # x block_k x d for K and V: d128 with 3 stages takes 224.6 KiB of the
     # 227 (persistent 256: past it).
     stagger = head_dim == 128 and seq_kv > 512
-    persistent = seq_kv <= 512 or stagger and not causal and seq_kv <= 2048
+    split_tail = stagger and not causal and seq_kv >= 4096
+    balance = causal and seq_kv <= 2048
+    persistent = (seq_kv <= 512 or balance or split_tail or
+                  stagger and not causal and seq_kv <= 2048)
     return cls(block_k=128, num_stages=2, overlap=True, persistent=persistent,
-               stagger=stagger)
+               stagger=stagger, split_tail=split_tail, balance=balance)
 
 
 def unsupported(q, k, *, has_segments, block_k=MosaicConfig.block_k):

@@ -78,15 +78,19 @@ class MosaicBwdConfig:
   balance: bool = False
 
   @classmethod
-  def default(cls, head_dim):
-    """The fastest measured on an H200 (kernels/NOTES.md, 2026-12-02): fused
-    with 2 stages at d64 (3 stages spill since the dQ buffer race fix and
-    lost up to 13% causal); at d128 the fused kernel (it spills) is 1.1x
-    slower than two kernels, which take 2-3.5% less time staggered
-    (2026-12-03)."""
+  def default(cls, head_dim, causal):
+    """The fastest measured (kernels/NOTES.md): at d64 fused with 2 stages
+    (H200, 2026-12-02: 3 stages spill since the dQ buffer race fix and lost
+    up to 13% causal), each step's dQ stored during the next (H100,
+    2026-12-07: 2% less time at s2048). Above d64 two kernels, staggered
+    (H200, 2026-12-03: 2-3.5% less time; the fused kernel spills and is
+    1.1x slower), without the mask persistent with a tile table (H100,
+    2026-12-07: 4.4-6.4% less time at 1024-4096 keys; with the mask the
+    persistent kernels spill and lose, 7% at s1024)."""
     if head_dim <= 64:
-      return cls(fused=True)
-    return cls(block_k=128, stagger=True)
+      return cls(fused=True, late_dq_store=True)
+    return cls(block_k=128, stagger=True, persistent=not causal,
+               balance=not causal)
 
   def __post_init__(self):
     if self.fused and self.block_q != fm.ROWS_WG:
@@ -659,7 +663,7 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   """(dq, dk, dv) from o and lse (the forward's, or global ones for ring
   attention); dlse, if not None, is the cotangent of lse. Inputs validated and
   fm.unsupported() is None."""
-  config = config or MosaicBwdConfig.default(q.shape[3])
+  config = config or MosaicBwdConfig.default(q.shape[3], causal)
   if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
     raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
                      f'got {q.shape[3]}')
