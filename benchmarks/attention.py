@@ -308,6 +308,8 @@ def mosaic_variants(head_dim):
                              dict(overlap=True, stagger=True),
                              dict(overlap=True, persistent=True,
                                   stagger=True))]
+    fwd.append(MosaicConfig(128, 2, overlap=True, persistent=True,
+                            stagger=True, consumers=3, balance=True))
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
          MosaicBwdConfig(block_k=128, stagger=True),
          MosaicBwdConfig(block_k=128, stagger=True, persistent=True),

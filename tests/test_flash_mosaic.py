@@ -117,6 +117,11 @@ FWD_CASES = [
     (Case(2, 384, 128, 2, 1, 128, True),
      MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
                   balance=True)),
+    # Three consumers: 192-row tiles, the last of each head with one
+    # consumer without rows.
+    (Case(1, 512, 512, 3, 1, 64, True),
+     MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
+                  consumers=3, balance=True)),
 ] + _random_cases(1)
 
 
@@ -456,7 +461,10 @@ def test_variants_lower_for_sm90(head_dim, causal):
                          MosaicConfig(128, 2, overlap=True, stagger=True,
                                       consumers=3),
                          MosaicConfig(128, 2, overlap=True, persistent=True,
-                                      stagger=True, consumers=3)]
+                                      stagger=True, consumers=3)] +
+          ([MosaicConfig(128, 2, overlap=True, persistent=True,
+                         stagger=True, consumers=3, balance=True)]
+           if causal else [])
           if head_dim <= 96]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
@@ -701,7 +709,7 @@ GPU_SPLIT_CASES = [
      MosaicConfig(128, 2, pingpong=True, persistent=True, split_tail=True)),
 ]
 # Balanced causal tiles: d64 with 3 stages (the default's), d128 staggered,
-# no-key rows at d96.
+# no-key rows at d96, d64 with three consumers.
 GPU_BALANCE_CASES = [
     (Case(4, 2048, 2048, 8, 2, 64, True),
      MosaicConfig(128, 3, pingpong=True, persistent=True, balance=True)),
@@ -710,6 +718,9 @@ GPU_BALANCE_CASES = [
                   balance=True)),
     (GPU_CASES[8],
      MosaicConfig(128, 2, pingpong=True, persistent=True, balance=True)),
+    (Case(2, 4096, 4096, 8, 2, 64, True),
+     MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
+                  consumers=3, balance=True)),
 ]
 
 
