@@ -129,7 +129,7 @@ class MosaicConfig:
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
-    """The fastest measured on an H200 (kernels/NOTES.md); the key block is
+    """The fastest measured on an H200 or H100 (kernels/NOTES.md); the key block is
     128 unless a 256 one divides seq_kv.
     - d64: ping-pong, persistent always without the mask and up to 4096 keys
       with it (+16% at s2048 causal, +8% at s4096; at 8192 a tie, at 16384
@@ -150,7 +150,12 @@ class MosaicConfig:
       mask persistent up to 2048 keys (2026-12-03: causal 1.6-2.3% less
       time than overlap at 2048-16384 keys; without the mask 2.7% less
       than ping-pong persistent at 1024 keys, 4.5% at 2048, within 1% of
-      overlap above)."""
+      overlap above).
+    - 2026-12-07 (H100): persistent forwards with the mask deal their tiles
+      by list scheduling (balance: d128 5.6-8.8% less time at 1024-2048
+      keys, where it now is persistent; at 4096-16384 it lost 1-5%; seed
+      d80 14%, d64 1-4%); without it, from 4096 keys, the tail split
+      along the keys (d128 1.6-3.5% less time, d64 1.7%; at 2048 3% more)."""
     if head_dim <= 64 and seq_kv >= 8192:
       return cls(128, 2, overlap=True, stagger=True, consumers=3,
                  persistent=not causal and seq_kv > 8192)

@@ -81,14 +81,15 @@ class MosaicBwdConfig:
   def default(cls, head_dim, causal):
     """The fastest measured (kernels/NOTES.md): at d64 fused with 2 stages
     (H200, 2026-12-02: 3 stages spill since the dQ buffer race fix and lost
-    up to 13% causal), each step's dQ stored during the next (H100,
-    2026-12-07: 2% less time at s2048). Above d64 two kernels, staggered
+    up to 13% causal), without the mask each step's dQ stored during the
+    next (H100, 2026-12-07: 2% less time at s2048; with the mask not yet
+    measured). Above d64 two kernels, staggered
     (H200, 2026-12-03: 2-3.5% less time; the fused kernel spills and is
     1.1x slower), without the mask persistent with a tile table (H100,
     2026-12-07: 4.4-6.4% less time at 1024-4096 keys; with the mask the
     persistent kernels spill and lose, 7% at s1024)."""
     if head_dim <= 64:
-      return cls(fused=True, late_dq_store=True)
+      return cls(fused=True, late_dq_store=not causal)
     return cls(block_k=128, stagger=True, persistent=not causal,
                balance=not causal)
 
