@@ -129,8 +129,8 @@ class MosaicConfig:
 
   @classmethod
   def default(cls, head_dim, causal, seq_kv):
-    """The fastest measured on an H200 or H100 (kernels/NOTES.md); the key block is
-    128 unless a 256 one divides seq_kv.
+    """The fastest measured on an H200 or H100 (kernels/NOTES.md); the key
+    block is 128 unless a 256 one divides seq_kv.
     - d64: ping-pong, persistent always without the mask and up to 4096 keys
       with it (+16% at s2048 causal, +8% at s4096; at 8192 a tie, at 16384
       4% lost). From 8192 keys three consumers, overlap, staggered
