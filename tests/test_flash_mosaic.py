@@ -539,6 +539,21 @@ def test_split_tail_and_balance_configs():
         config=MosaicConfig(persistent=True, split_tail=True)), q)
 
 
+@pytest.mark.parametrize('causal', [False, True])
+def test_defaults_only_where_their_kernels_run(causal):
+  """The default configs (built, so validated): the split tail only without
+  the mask, the fused backward only at its head dims."""
+  for head_dim in flash_mosaic.HEAD_DIMS:
+    bwd = MosaicBwdConfig.default(head_dim, causal)
+    assert not bwd.fused or head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS
+    for seq_kv in (128, 256, 384, 512, 1024, 2048, 4096, 4224, 8192, 16384,
+                   32768):
+      fwd = MosaicConfig.default(head_dim, causal, seq_kv)
+      assert not (fwd.split_tail and causal), (head_dim, seq_kv)
+      assert seq_kv % fwd.block_k == 0 or fwd.block_k == 128, (head_dim,
+                                                                 seq_kv)
+
+
 def test_fused_needs_head_dim_64_or_128():
   q = jax.ShapeDtypeStruct((1, 256, 2, 80), jnp.bfloat16)
   lse = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
