@@ -67,10 +67,6 @@ class MosaicBwdConfig:
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
     d128 backward in the float32 store and 0.7 in the reduce).
-  dq_before_dk: fused at d128: each step's dQ part is issued before dK and
-    waited for alone, so its float32 store and reduce-add run while dK's
-    wgmma does (not after a drain of dK, dV and dQ together), in the same
-    registers as without it.
   """
   block_q: int = 64
   block_k: int = 64
@@ -80,7 +76,6 @@ class MosaicBwdConfig:
   persistent: bool = False
   late_dq_store: bool = False
   balance: bool = False
-  dq_before_dk: bool = False
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -108,9 +103,6 @@ class MosaicBwdConfig:
       raise ValueError('persistent is for the two-kernel backward')
     if self.late_dq_store and not self.fused:
       raise ValueError('late_dq_store is for the fused backward')
-    if self.dq_before_dk and (not self.fused or self.late_dq_store):
-      raise ValueError('dq_before_dk is for the fused backward without '
-                       'late_dq_store')
     if self.balance and not self.persistent:
       raise ValueError('balance is for the persistent backward')
 
@@ -232,23 +224,16 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     plgpu.commit_smem()
     plgpu.barrier_arrive(ds_ready.at[buf])
 
-  def issue_dq(step, part, acc_ref):
+  def dq_part(step, part, acc_ref):
     """dQ of the step's query rows, columns of `part`, against all the CTA's
-    keys (both consumers' dS^T), issued; read it, then free_ds(step)."""
+    keys (both consumers' dS^T); waits for every wgmma in flight."""
     buf = lax.rem(step, 2)
     plgpu.barrier_wait(ds_ready.at[buf])
     cols = pl.ds(part * DQ_COLS, DQ_COLS)
     for w in range(fm.NUM_CONSUMERS):
       plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
-
-  def free_ds(step):
-    plgpu.barrier_arrive(ds_free.at[lax.rem(step, 2)])
-
-  def dq_part(step, part, acc_ref):
-    """issue_dq's part, waiting for every wgmma in flight."""
-    issue_dq(step, part, acc_ref)
     dq = acc_ref[...]
-    free_ds(step)
+    plgpu.barrier_arrive(ds_free.at[buf])
     return dq
 
   def dq_compute(step, part):
@@ -271,7 +256,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   def skip_dq(step):
     """d64, not this consumer's turn: it frees the buffer at once (ds_free
     wants both)."""
-    free_ds(step)
+    plgpu.barrier_arrive(ds_free.at[lax.rem(step, 2)])
 
   def dq_turn(step):
     """d64: the consumer whose turn it is computes the one part."""
@@ -312,8 +297,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     """S^T and dP^T issued back to back; P^T computed while dP^T runs, dS^T
     while dV += P^T dO runs; dK and dV accumulate in place (seeded wgmma
     accumulators, so no second register tile). Fused: the dQ part right
-    behind dK (dq_before_dk: ahead of it); late_dq_store: the last step's
-    stored behind S^T and dP^T."""
+    behind dK; late_dq_store: the last step's stored behind S^T and dP^T."""
     dk, dv, *dq_last = carry
     step = g * per_head + i - lo
     slot = lax.rem(base + step, stages)
@@ -321,7 +305,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
       plgpu.barrier_wait(q_ready.at[slot])
       plgpu.barrier_wait(do_ready.at[slot])
 
-    def scope(s_ref, dp_ref, dv_ref, dk_ref, *dq_ref):
+    def scope(s_ref, dp_ref, dv_ref, dk_ref):
       with jax.named_scope('issue_s_dp'):
         plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].T)
         plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].T)
@@ -351,20 +335,13 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
       if config.fused:
         with jax.named_scope('share_ds'):
           share_ds(step, ds_t)
-      if config.dq_before_dk:
-        with jax.named_scope('issue_dq'):
-          issue_dq(step, wg, *dq_ref)
       with jax.named_scope('issue_dk'):
         fm.seed_acc(dk_ref, dk, interpret)
         plgpu.wgmma(dk_ref, fm.stage_lhs(ds_t, stage), q_smem.at[slot])
       dq = ()
       if config.fused:
         with jax.named_scope('dq'):
-          if config.dq_before_dk:  # dK's the one wgmma left in flight
-            dq_ahead = plgpu.wgmma_accumulator_load(*dq_ref, wait_n=1)
-            free_ds(step)
-            dq_store(step, wg, dq_ahead)
-          elif late:
+          if late:
             dq = (dq_late(step, *dq_last),)
           elif part_per_consumer:
             dq_of(step, wg)
@@ -375,12 +352,10 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
                 fm.read_acc(dv_ref, dv, interpret), *dq)
 
     o_shape = (fm.ROWS_WG, head_dim)
-    dq_acc = ((plgpu.ACC((bq, DQ_COLS), jnp.float32),)
-              if config.dq_before_dk else ())
     carry = pl.run_scoped(
         scope, plgpu.ACC(st_shape, jnp.float32),
         plgpu.ACC(st_shape, jnp.float32), plgpu.ACC(o_shape, jnp.float32),
-        plgpu.ACC(o_shape, jnp.float32), *dq_acc)
+        plgpu.ACC(o_shape, jnp.float32))
     plgpu.barrier_arrive(free.at[slot])
     return carry
 
@@ -693,9 +668,6 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
     raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
                      f'got {q.shape[3]}')
-  if config.dq_before_dk and q.shape[3] != fm.NUM_CONSUMERS * DQ_COLS:
-    raise ValueError('dq_before_dk needs a dQ part per consumer, head_dim '
-                     f'{fm.NUM_CONSUMERS * DQ_COLS}, got {q.shape[3]}')
   return _flash_bwd(q, k, v, o, lse, do, dlse, fm.scale_input(sm_scale),
                     causal=causal, interpret=interpret, config=config)
 

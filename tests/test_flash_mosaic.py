@@ -172,7 +172,6 @@ BWD_CASES = [
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 LATE_DQ = MosaicBwdConfig(fused=True, late_dq_store=True)
-DQ_FIRST = MosaicBwdConfig(fused=True, dq_before_dk=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -206,9 +205,6 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], LATE_DQ),
     (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), LATE_DQ),
     (Case(1, 192, 256, 3, 1, 64, True), LATE_DQ),
-    # Fused d128, dQ issued ahead of dK: GQA causal; no-key rows, MQA, fp16.
-    (BWD_CASES[0], DQ_FIRST),
-    (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), DQ_FIRST),
     # Persistent with balanced tiles (3 CTAs): GQA causal, 8 dK/dV tiles of
     # 2 batch rows and 8 dQ tiles, staggered; no-key rows, MQA.
     (Case(2, 256, 512, 4, 2, 128, True),
@@ -228,8 +224,7 @@ def _bwd_config_id(config):
           ('_stagger' if config.stagger else '') +
           ('_persistent' if config.persistent else '') +
           ('_balance' if config.balance else '') +
-          ('_late_dq' if config.late_dq_store else '') +
-          ('_dq_first' if config.dq_before_dk else ''))
+          ('_late_dq' if config.late_dq_store else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -310,9 +305,8 @@ def test_persistent_bwd_interpret_no_races(head_dim, balance):
 
 @pytest.mark.parametrize('head_dim,config', [
     (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True)),
-    (64, LATE_DQ), (128, LATE_DQ), (128, DQ_FIRST)],
-    ids=['d64', 'd128', 'd64_s3', 'd64_late_dq', 'd128_late_dq',
-         'd128_dq_first'])
+    (64, LATE_DQ), (128, LATE_DQ)],
+    ids=['d64', 'd128', 'd64_s3', 'd64_late_dq', 'd128_late_dq'])
 def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
@@ -475,7 +469,6 @@ def test_variants_lower_for_sm90(head_dim, causal):
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED, LATE_DQ] if fused else [TWO_KERNELS]) +
-           ([DQ_FIRST] if head_dim == 128 else []) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -519,10 +512,6 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicBwdConfig(fused=True, persistent=True)
   with pytest.raises(ValueError, match='late_dq_store is for the fused'):
     MosaicBwdConfig(late_dq_store=True)
-  with pytest.raises(ValueError, match='dq_before_dk is for the fused'):
-    MosaicBwdConfig(dq_before_dk=True)
-  with pytest.raises(ValueError, match='dq_before_dk is for the fused'):
-    MosaicBwdConfig(fused=True, late_dq_store=True, dq_before_dk=True)
   with pytest.raises(ValueError, match='balance is for the persistent'):
     MosaicBwdConfig(balance=True)
 
@@ -782,7 +771,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True)),
     fa.MosaicTuning(bwd=LATE_DQ),
-    fa.MosaicTuning(bwd=DQ_FIRST),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True, balance=True)),
 ]
@@ -796,15 +784,13 @@ GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
 
 def _variant_runs(case, tuning):
   """The fused backward runs at its head dims only, with 3 stages at d64
-  only and dQ ahead of dK at d128 only; the dQ kernel's 3 stages fit below d128; three consumers run up to
+  only; the dQ kernel's 3 stages fit below d128; three consumers run up to
   d96 (their 160 registers spill more above)."""
   bwd = tuning.bwd
   if tuning.fwd is not None and tuning.fwd.consumers == 3:
     return case.head_dim <= 96
   if bwd is None:
     return True
-  if bwd.dq_before_dk:
-    return case.head_dim == 128
   if bwd.fused:
     return (case.head_dim in flash_mosaic_vjp.FUSED_HEAD_DIMS and
             (bwd.num_stages <= 2 or case.head_dim <= 64))
