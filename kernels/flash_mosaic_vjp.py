@@ -67,9 +67,6 @@ class MosaicBwdConfig:
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
     d128 backward in the float32 store and 0.7 in the reduce).
-  ds_from_p16: two kernels: dS^T from the 16-bit P^T (as the fused d128
-    kernel always does), so the float32 P^T dies before dS^T is built: 32
-    fewer live registers a thread where the dK/dV kernel spills.
   """
   block_q: int = 64
   block_k: int = 64
@@ -79,7 +76,6 @@ class MosaicBwdConfig:
   persistent: bool = False
   late_dq_store: bool = False
   balance: bool = False
-  ds_from_p16: bool = False
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -107,9 +103,6 @@ class MosaicBwdConfig:
       raise ValueError('persistent is for the two-kernel backward')
     if self.late_dq_store and not self.fused:
       raise ValueError('late_dq_store is for the fused backward')
-    if self.ds_from_p16 and self.fused:
-      raise ValueError('ds_from_p16 is for the two-kernel backward (the '
-                       'fused one takes dS from the 16-bit P at d128)')
     if self.balance and not self.persistent:
       raise ValueError('balance is for the persistent backward')
 
@@ -338,8 +331,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
       # before dS is built (without this, ptxas spilled at d128).
       with jax.named_scope('ds'):
         ds_t = grad_scores(slot, p16_t.astype(jnp.float32)
-                           if part_per_consumer or config.ds_from_p16
-                           else p_t, dp_t)
+                           if part_per_consumer else p_t, dp_t)
       if config.fused:
         with jax.named_scope('share_ds'):
           share_ds(step, ds_t)

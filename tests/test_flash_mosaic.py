@@ -172,8 +172,6 @@ BWD_CASES = [
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 LATE_DQ = MosaicBwdConfig(fused=True, late_dq_store=True)
-P16_DS = MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
-                         balance=True, ds_from_p16=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -214,11 +212,6 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
                      balance=True)),
     (Case(1, 384, 128, 2, 1, 64, True),
      MosaicBwdConfig(persistent=True, balance=True)),
-    # dS from the 16-bit P: GQA causal, persistent balanced; no-key rows,
-    # MQA, fp16.
-    (BWD_CASES[0], P16_DS),
-    (Case(1, 384, 128, 2, 1, 96, True, jnp.float16),
-     MosaicBwdConfig(block_k=128, stagger=True, ds_from_p16=True)),
 ]
 
 
@@ -231,8 +224,7 @@ def _bwd_config_id(config):
           ('_stagger' if config.stagger else '') +
           ('_persistent' if config.persistent else '') +
           ('_balance' if config.balance else '') +
-          ('_late_dq' if config.late_dq_store else '') +
-          ('_p16ds' if config.ds_from_p16 else ''))
+          ('_late_dq' if config.late_dq_store else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -484,7 +476,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
             MosaicBwdConfig(block_k=128, stagger=True),
             MosaicBwdConfig(block_k=128, stagger=True, persistent=True),
             MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
-                            balance=True), P16_DS]]
+                            balance=True)]]
     return bwd, o2, o3, o4, o5, o6, o7
 
   assert 'mosaic_gpu' in _lowered_for_sm90(fwd_bwd, q, k, k, q)
@@ -520,8 +512,6 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicBwdConfig(fused=True, persistent=True)
   with pytest.raises(ValueError, match='late_dq_store is for the fused'):
     MosaicBwdConfig(late_dq_store=True)
-  with pytest.raises(ValueError, match='ds_from_p16 is for the two-kernel'):
-    MosaicBwdConfig(fused=True, ds_from_p16=True)
   with pytest.raises(ValueError, match='balance is for the persistent'):
     MosaicBwdConfig(balance=True)
 
@@ -781,7 +771,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True)),
     fa.MosaicTuning(bwd=LATE_DQ),
-    fa.MosaicTuning(bwd=P16_DS),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True, balance=True)),
 ]
