@@ -314,7 +314,10 @@ def mosaic_variants(head_dim):
          MosaicBwdConfig(block_k=128, stagger=True),
          MosaicBwdConfig(block_k=128, stagger=True, persistent=True),
          MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
-                         balance=True)]
+                         balance=True),
+         MosaicBwdConfig(block_k=128, stagger=True, late_mask_rows=False),
+         MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
+                         balance=True, late_mask_rows=False)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
@@ -342,7 +345,8 @@ def describe_mosaic(part, tuning):
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
           f'{" persistent" if c.persistent else ""}'
           f'{" balance" if c.balance else ""}'
-          f'{" late_dq" if c.late_dq_store else ""}')
+          f'{" late_dq" if c.late_dq_store else ""}'
+          f'{" early_rows" if not c.late_mask_rows else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):

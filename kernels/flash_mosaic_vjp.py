@@ -67,6 +67,10 @@ class MosaicBwdConfig:
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
     d128 backward in the float32 store and 0.7 in the reduce).
+  late_mask_rows: the dQ kernel builds its rows' positions for the causal
+    mask in the masked steps, which come last, not at the tile's start
+    (then they are 64 registers live through the unmasked steps; with the
+    mask the d128 dQ kernel spills 88 B). A knob for an A/B.
   """
   block_q: int = 64
   block_k: int = 64
@@ -76,6 +80,7 @@ class MosaicBwdConfig:
   persistent: bool = False
   late_dq_store: bool = False
   balance: bool = False
+  late_mask_rows: bool = True
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -549,10 +554,13 @@ def _dq_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   # lse2 = +inf for rows that saw no key: P = 0 there.
   lse2 = fm.rows_col(_row_stats(lse2_ref.at[vec], 1, gmem=True), s_shape)
   delta = fm.rows_col(_row_stats(delta_ref.at[vec], 1, gmem=True), s_shape)
-  q_pos = rows + fm.wgmma_iota(s_shape, 0)
+  early_pos = None if config.late_mask_rows else rows + fm.wgmma_iota(
+      s_shape, 0)
 
   def probs(masked, j, s):
     if masked:
+      q_pos = (rows + fm.wgmma_iota(s_shape, 0) if config.late_mask_rows
+               else early_pos)
       k_pos = j * block_k + fm.wgmma_iota(s_shape, 1)
       s = jnp.where(k_pos <= q_pos + causal_offset, s, fm.NEG_INF)
     return jnp.exp2(s * scale - lse2)
