@@ -67,10 +67,6 @@ class MosaicBwdConfig:
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
     d128 backward in the float32 store and 0.7 in the reduce).
-  late_mask_rows: the dQ kernel builds its rows' positions for the causal
-    mask in the masked steps, which come last, not at the tile's start
-    (then they are 64 registers live through the unmasked steps; with the
-    mask the d128 dQ kernel spills 88 B). A knob for an A/B.
   """
   block_q: int = 64
   block_k: int = 64
@@ -80,7 +76,6 @@ class MosaicBwdConfig:
   persistent: bool = False
   late_dq_store: bool = False
   balance: bool = False
-  late_mask_rows: bool = True
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -90,13 +85,15 @@ class MosaicBwdConfig:
     next (H100, 2026-12-07: 2% less time at s2048; with the mask not yet
     measured). Above d64 two kernels, staggered
     (H200, 2026-12-03: 2-3.5% less time; the fused kernel spills and is
-    1.1x slower), without the mask persistent with a tile table (H100,
-    2026-12-07: 4.4-6.4% less time at 1024-4096 keys; with the mask the
-    persistent kernels spill and lose, 7% at s1024)."""
+    1.1x slower), persistent with a tile table (H100, 2026-12-07) without
+    the mask (4.4-6.4% less time at d128, 1024-4096 keys) and at d80 and
+    d96 with it (12% less at 1024 keys, 3% at d96 s8192, +0.8% at d80
+    s8192); at d128 with the mask the persistent kernels spill (228-268 B)
+    and lose, 6-7% at 8192-16384 keys."""
     if head_dim <= 64:
       return cls(fused=True, late_dq_store=not causal)
-    return cls(block_k=128, stagger=True, persistent=not causal,
-               balance=not causal)
+    tiled = not causal or head_dim <= 96
+    return cls(block_k=128, stagger=True, persistent=tiled, balance=tiled)
 
   def __post_init__(self):
     if self.fused and self.block_q != fm.ROWS_WG:
@@ -554,13 +551,10 @@ def _dq_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   # lse2 = +inf for rows that saw no key: P = 0 there.
   lse2 = fm.rows_col(_row_stats(lse2_ref.at[vec], 1, gmem=True), s_shape)
   delta = fm.rows_col(_row_stats(delta_ref.at[vec], 1, gmem=True), s_shape)
-  early_pos = None if config.late_mask_rows else rows + fm.wgmma_iota(
-      s_shape, 0)
+  q_pos = rows + fm.wgmma_iota(s_shape, 0)
 
   def probs(masked, j, s):
     if masked:
-      q_pos = (rows + fm.wgmma_iota(s_shape, 0) if config.late_mask_rows
-               else early_pos)
       k_pos = j * block_k + fm.wgmma_iota(s_shape, 1)
       s = jnp.where(k_pos <= q_pos + causal_offset, s, fm.NEG_INF)
     return jnp.exp2(s * scale - lse2)
