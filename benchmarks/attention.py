@@ -12,6 +12,8 @@ when causal; forward+backward 3.5x that.
   python benchmarks/attention.py --quick            # a few shapes, all impls
   python benchmarks/attention.py --shapes s8192_d128,s1024_d80 --impls flash
   python benchmarks/attention.py --quick --impls mosaic,cudnn,flash
+  python benchmarks/attention.py --impls mosaic,cudnn --rounds 3
+                                                    # impls timed in turn
   python benchmarks/attention.py --sweep            # our kernel's variants
   python benchmarks/attention.py --sweep_mosaic     # the Mosaic kernels' knobs
                                                     # (and ptxas's spills)
@@ -188,15 +190,25 @@ def check(shape, causal, impl='flash', block_sizes=None, want=None):
                                             jax.tree.leaves(want)))
 
 
-def bench_impl(impl, shape, causal, block_sizes=None):
+def timed_calls(impl, shape, causal, block_sizes=None):
+  """{'fwd': (fn, args), 'fwdbwd': (fn, args)} of one impl, for time_ms."""
   q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
   attention = attention_fn(impl, causal, block_sizes)
+  return dict(fwd=(jax.jit(attention), (q, k, v)),
+              fwdbwd=(jax.jit(fwd_bwd(attention)), (q, k, v, do)))
+
+
+def with_tflops(record, shape, causal):
+  """record's fwd_ms and fwdbwd_ms, and TFLOP/s from them."""
   flops = fwd_flops(shape, causal)
-  fwd_ms = time_ms(jax.jit(attention), (q, k, v))
-  fwdbwd_ms = time_ms(jax.jit(fwd_bwd(attention)), (q, k, v, do))
-  return dict(fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms,
-              tflops_fwd=flops / fwd_ms / 1e9,
-              tflops_fwdbwd=3.5 * flops / fwdbwd_ms / 1e9)
+  return dict(record, tflops_fwd=flops / record['fwd_ms'] / 1e9,
+              tflops_fwdbwd=3.5 * flops / record['fwdbwd_ms'] / 1e9)
+
+
+def bench_impl(impl, shape, causal, block_sizes=None):
+  calls = timed_calls(impl, shape, causal, block_sizes)
+  return with_tflops({f'{part}_ms': time_ms(*call)
+                      for part, call in calls.items()}, shape, causal)
 
 
 def sweep_variants(shape, causal):
@@ -314,10 +326,7 @@ def mosaic_variants(head_dim):
          MosaicBwdConfig(block_k=128, stagger=True),
          MosaicBwdConfig(block_k=128, stagger=True, persistent=True),
          MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
-                         balance=True),
-         MosaicBwdConfig(block_k=128, stagger=True, late_mask_rows=False),
-         MosaicBwdConfig(block_k=128, stagger=True, persistent=True,
-                         balance=True, late_mask_rows=False)]
+                         balance=True)]
   if head_dim <= 96:  # a third stage of the dQ kernel's K and V fits
     bwd.append(MosaicBwdConfig(block_k=128, num_stages=3))
   if head_dim in FUSED_HEAD_DIMS:
@@ -345,8 +354,7 @@ def describe_mosaic(part, tuning):
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
           f'{" persistent" if c.persistent else ""}'
           f'{" balance" if c.balance else ""}'
-          f'{" late_dq" if c.late_dq_store else ""}'
-          f'{" early_rows" if not c.late_mask_rows else ""}')
+          f'{" late_dq" if c.late_dq_store else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
@@ -445,8 +453,12 @@ def print_sweep_mosaic(records):
             f'{ref["fwdbwd_ms"]:.3f} ms)')
 
 
-def compare(shape, causal, impls, check_ours):
-  records = []
+def compare(shape, causal, impls, check_ours, rounds=1):
+  """Each impl's forward and forward+backward (ours checked first). With
+  rounds > 1, every impl is timed once a round, in turn (every other round
+  in reverse order), and each time is the median of its rounds: a drift of
+  the GPU's clocks then hits all impls alike."""
+  records, timed = [], []
   for impl in impls:
     record = dict(impl=impl, b=shape.batch, s=shape.seq, h=shape.heads,
                   d=shape.head_dim, causal=causal, rel_err=None)
@@ -455,11 +467,22 @@ def compare(shape, causal, impls, check_ours):
         record['rel_err'] = check(shape, causal, impl)
         print(f'{shape.name} causal={causal:d}: {impl} max rel err '
               f'{record["rel_err"]:.2e}', flush=True)
-      record.update(bench_impl(impl, shape, causal))
+      calls = timed_calls(impl, shape, causal)
+      for part, call in calls.items():
+        record[f'{part}_ms_rounds'] = [time_ms(*call)]
+      timed.append((record, calls))
     except Exception as e:  # pylint: disable=broad-except
       record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
-    print(json.dumps(record), flush=True)
     records.append(record)
+  for r in range(1, rounds):
+    for record, calls in (timed[::-1] if r % 2 else timed):
+      for part, call in calls.items():
+        record[f'{part}_ms_rounds'].append(time_ms(*call))
+  for record, calls in timed:
+    record.update(with_tflops({f'{part}_ms': statistics.median(
+        record[f'{part}_ms_rounds']) for part in calls}, shape, causal))
+  for record in records:
+    print(json.dumps(record), flush=True)
   return records
 
 
@@ -485,8 +508,8 @@ def main():
                       "as it prints them (e.g. 'fwd k128 s2 overlap'); "
                       'default all')
   parser.add_argument('--rounds', type=int, default=1,
-                      help='with --sweep_mosaic: time the variants in this '
-                      'many rounds, in turn')
+                      help='time the impls (or with --sweep_mosaic the '
+                      'variants) in this many rounds, in turn; medians')
   parser.add_argument('--no-check', action='store_true')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'results'))
@@ -530,7 +553,7 @@ def main():
             names=variants, rounds=args.rounds)
       else:
         records += compare(shape, causal, impls,
-                           check_ours=not args.no_check)
+                           check_ours=not args.no_check, rounds=args.rounds)
       with open(path, 'w') as f:  # after each shape: a cut-off run keeps some
         json.dump(dict(meta, records=records), f, indent=1)
   print(f'wrote {path}')

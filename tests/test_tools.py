@@ -305,6 +305,35 @@ def test_attention_sweep_times_chosen_variants_in_rounds(monkeypatch):
   assert records[-1]['part'] == 'cudnn'
 
 
+def test_attention_compare_times_impls_in_rounds(monkeypatch):
+  """The table's comparison with --rounds: each impl's forward and
+  forward+backward timed once a round, the impls in turn (every other round
+  backwards); the medians, and the rounds, recorded. An impl that fails is
+  recorded with its error. The clock is a stand-in that logs each call."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import attention  # pylint: disable=g-import-not-at-top
+  calls = []
+  times = iter([3.0, 10.0, 5.0, 7.0,    # xla fwd, fwd+bwd; cudnn the same
+                4.0, 9.0, 1.0, 30.0,    # backwards: cudnn, then xla
+                2.0, 20.0, 6.0, 8.0])
+  monkeypatch.setattr(attention, 'time_ms',
+                      lambda fn, args: calls.append(fn) or next(times))
+  shape = attention.shape_named('b1_s256_h2_d64')
+  xla, bad, cudnn = attention.compare(shape, True, ['xla', 'nope', 'cudnn'],
+                                      check_ours=False, rounds=3)
+  assert 'unknown impl nope' in bad['error']
+  xla_fwd, xla_fwdbwd, cudnn_fwd, cudnn_fwdbwd = calls[:4]
+  assert calls == [xla_fwd, xla_fwdbwd, cudnn_fwd, cudnn_fwdbwd,
+                   cudnn_fwd, cudnn_fwdbwd, xla_fwd, xla_fwdbwd,
+                   xla_fwd, xla_fwdbwd, cudnn_fwd, cudnn_fwdbwd]
+  assert xla['fwd_ms_rounds'] == [3.0, 1.0, 2.0]
+  assert (xla['fwd_ms'], xla['fwdbwd_ms']) == (2.0, 20.0)
+  assert (cudnn['fwd_ms'], cudnn['fwdbwd_ms']) == (5.0, 8.0)
+  flops = attention.fwd_flops(shape, True)
+  assert xla['tflops_fwd'] == pytest.approx(flops / 2.0 / 1e9)
+  assert cudnn['tflops_fwdbwd'] == pytest.approx(3.5 * flops / 8.0 / 1e9)
+
+
 @pytest.mark.parametrize('impl', ['mosaic_pad96', 'mosaic_pad128'])
 def test_attention_padded_impls_match_reference(monkeypatch, impl):
   """The d80 padding rows (head_dim zero-padded to 96 or 128, sm_scale kept
