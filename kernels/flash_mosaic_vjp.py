@@ -67,6 +67,10 @@ class MosaicBwdConfig:
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
     d128 backward in the float32 store and 0.7 in the reduce).
+  dq_atomic: fused: each dQ part goes from registers straight into the
+    float32 dQ in HBM with reduction stores (red.global.add, as
+    FlashAttention-2 adds dQ), not through smem and a TMA reduce-add: no
+    float32 smem store, proxy fence or wait for TMA on the consumers' path.
   """
   block_q: int = 64
   block_k: int = 64
@@ -76,6 +80,7 @@ class MosaicBwdConfig:
   persistent: bool = False
   late_dq_store: bool = False
   balance: bool = False
+  dq_atomic: bool = False
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -105,6 +110,8 @@ class MosaicBwdConfig:
       raise ValueError('persistent is for the two-kernel backward')
     if self.late_dq_store and not self.fused:
       raise ValueError('late_dq_store is for the fused backward')
+    if self.dq_atomic and not self.fused:
+      raise ValueError('dq_atomic is for the fused backward')
     if self.balance and not self.persistent:
       raise ValueError('balance is for the persistent backward')
 
@@ -246,11 +253,15 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     dq_store(step, part, dq_compute(step, part))
 
   def dq_store(step, part, dq):
-    """dQ_part of `step`'s query rows reduce-added into dq_ref, through
-    this consumer's dQ buffers in turn (d64: it computes every other
-    step's, so the step's parity would always pick the same buffer)."""
+    """dQ_part of `step`'s query rows added into dq_ref: dq_atomic from
+    registers; otherwise through this consumer's dQ buffers in turn (d64:
+    it computes every other step's, so the step's parity would always pick
+    the same buffer)."""
     h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
     dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
+    if config.dq_atomic and not interpret:  # the interpreter has none
+      plgpu.atomic_add(dst, dq)
+      return
     buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
     _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
                  None if dq_bar is None else dq_bar.at[wg], interpret)
@@ -756,7 +767,7 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           # Fused: each consumer's dQ parts, two buffers (a reduce-add in
           # flight reads one while the next part is written to the other).
           fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
-          if fused else None,
+          if fused and (interpret or not config.dq_atomic) else None,
           own_bars, own_bars, per_stage, per_stage, per_stage, per_stage,
           freed, plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           # ds_free: both consumers done with the buffer.

@@ -172,6 +172,9 @@ BWD_CASES = [
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 LATE_DQ = MosaicBwdConfig(fused=True, late_dq_store=True)
+ATOMIC_DQ = MosaicBwdConfig(fused=True, dq_atomic=True)
+LATE_ATOMIC_DQ = MosaicBwdConfig(fused=True, late_dq_store=True,
+                                 dq_atomic=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -205,6 +208,9 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], LATE_DQ),
     (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), LATE_DQ),
     (Case(1, 192, 256, 3, 1, 64, True), LATE_DQ),
+    # Fused, dQ added from registers: on the GPU only (the interpreter has
+    # no atomic stores and runs the smem path), so this checks the wiring.
+    (BWD_CASES[0], LATE_ATOMIC_DQ),
     # Persistent with balanced tiles (3 CTAs): GQA causal, 8 dK/dV tiles of
     # 2 batch rows and 8 dQ tiles, staggered; no-key rows, MQA.
     (Case(2, 256, 512, 4, 2, 128, True),
@@ -224,7 +230,8 @@ def _bwd_config_id(config):
           ('_stagger' if config.stagger else '') +
           ('_persistent' if config.persistent else '') +
           ('_balance' if config.balance else '') +
-          ('_late_dq' if config.late_dq_store else ''))
+          ('_late_dq' if config.late_dq_store else '') +
+          ('_atomic' if config.dq_atomic else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -419,7 +426,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), three
   consumers up to d96, the fused backward where it runs (also with the
-  late dQ store), a 3-stage dQ kernel below d128 and the persistent dK/dV
+  late dQ store, and dQ added from registers), a 3-stage dQ kernel below d128 and the persistent dK/dV
   kernel (two K/V buffers), plus 128-row dK/dV steps (a setting out of the
   sweep); the interpreter lacks the accumulator store (overlap), TMA
   reduce-add (fused) and shared-memory limit that only this build has."""
@@ -468,7 +475,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
           if head_dim <= 96]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED, LATE_DQ] if fused else [TWO_KERNELS]) +
+           for config in ([FUSED, LATE_DQ, ATOMIC_DQ, LATE_ATOMIC_DQ]
+                          if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -512,6 +520,8 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicBwdConfig(fused=True, persistent=True)
   with pytest.raises(ValueError, match='late_dq_store is for the fused'):
     MosaicBwdConfig(late_dq_store=True)
+  with pytest.raises(ValueError, match='dq_atomic is for the fused'):
+    MosaicBwdConfig(block_k=128, dq_atomic=True)
   with pytest.raises(ValueError, match='balance is for the persistent'):
     MosaicBwdConfig(balance=True)
 
@@ -773,6 +783,8 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=LATE_DQ),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True, balance=True)),
+    fa.MosaicTuning(bwd=ATOMIC_DQ),
+    fa.MosaicTuning(bwd=LATE_ATOMIC_DQ),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
