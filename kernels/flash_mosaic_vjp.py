@@ -23,7 +23,10 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import llvm
 
 from kernels import flash_mosaic as fm
 
@@ -67,10 +70,13 @@ class MosaicBwdConfig:
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
     d128 backward in the float32 store and 0.7 in the reduce).
-  dq_atomic: fused: each dQ part goes from registers straight into the
-    float32 dQ in HBM with reduction stores (red.global.add, as
-    FlashAttention-2 adds dQ), not through smem and a TMA reduce-add: no
-    float32 smem store, proxy fence or wait for TMA on the consumers' path.
+  dq_atomic: fused, 1 or 2 (0: off): each dQ part goes from registers
+    straight into the float32 dQ in HBM with reduction stores
+    (red.global.add, as FlashAttention-2 adds dQ) of that many values, not
+    through smem and a TMA reduce-add: no float32 smem store, proxy fence or
+    wait for TMA on the consumers' path. Mosaic's own atomic store (1) adds
+    one value an instruction; 2 adds a thread's pair of adjacent columns
+    (red.global.add.v2.f32, sm_90), half the instructions and L2 requests.
   """
   block_q: int = 64
   block_k: int = 64
@@ -80,7 +86,7 @@ class MosaicBwdConfig:
   persistent: bool = False
   late_dq_store: bool = False
   balance: bool = False
-  dq_atomic: bool = False
+  dq_atomic: int = 0
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -110,6 +116,8 @@ class MosaicBwdConfig:
       raise ValueError('persistent is for the two-kernel backward')
     if self.late_dq_store and not self.fused:
       raise ValueError('late_dq_store is for the fused backward')
+    if self.dq_atomic not in (0, 1, 2):
+      raise ValueError(f'dq_atomic is 0, 1 or 2, got {self.dq_atomic}')
     if self.dq_atomic and not self.fused:
       raise ValueError('dq_atomic is for the fused backward')
     if self.balance and not self.persistent:
@@ -190,6 +198,28 @@ def _add_to_gmem(x, dst, smem_ref, bar, interpret):
                           reduction_op=None if interpret else 'add')
 
 
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA))
+def _add_pairs(_, dst, x):
+  """dst += x (float32, WGMMA layout) from registers, one
+  red.global.add.v2.f32 per register pair (two adjacent columns), where
+  Mosaic's atomic store issues one per value. Addresses as Mosaic's
+  untiled store computes them."""
+  dst = mgpu.utils.memref_reshape(dst, (1, 1, *x.shape))
+  to_global = llvm.PointerType.get(address_space=1)
+  for get, _, _, ptr in x.transfer_tiled(dst, 16, x.layout, x.shape,
+                                         optimized=False):
+    if ptr.type.address_space != 1:  # a generic pointer to GMEM
+      ptr = llvm.addrspacecast(to_global, ptr)
+    pair = get(x.registers)
+    values = [llvm.extractelement(pair, mgpu.utils.c(i, ir.IntegerType
+                                                     .get_signless(32)))
+              for i in range(2)]
+    llvm.inline_asm(
+        ir.Type.parse('!llvm.void'), [ptr, *values],
+        'red.global.relaxed.gpu.add.v2.f32 [$0], {$1, $2};', 'l,f,f',
+        has_side_effects=True)
+
+
 def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
                group, sm_scale, causal_offset, config, interpret):
   """One tile's steps, from K/V buffer buf, its step j on slot (base + j) %
@@ -260,7 +290,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
     dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
     if config.dq_atomic and not interpret:  # the interpreter has none
-      plgpu.atomic_add(dst, dq)
+      (plgpu.atomic_add if config.dq_atomic == 1 else _add_pairs)(dst, dq)
       return
     buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
     _add_to_gmem(dq, dst, dq_smem.at[wg, buf],

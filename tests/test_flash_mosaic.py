@@ -172,9 +172,10 @@ BWD_CASES = [
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 LATE_DQ = MosaicBwdConfig(fused=True, late_dq_store=True)
-ATOMIC_DQ = MosaicBwdConfig(fused=True, dq_atomic=True)
-LATE_ATOMIC_DQ = MosaicBwdConfig(fused=True, late_dq_store=True,
-                                 dq_atomic=True)
+ATOMIC_DQ = MosaicBwdConfig(fused=True, dq_atomic=1)
+LATE_ATOMIC_DQ = MosaicBwdConfig(fused=True, late_dq_store=True, dq_atomic=1)
+PAIRS_DQ = MosaicBwdConfig(fused=True, dq_atomic=2)
+LATE_PAIRS_DQ = MosaicBwdConfig(fused=True, late_dq_store=True, dq_atomic=2)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -231,7 +232,7 @@ def _bwd_config_id(config):
           ('_persistent' if config.persistent else '') +
           ('_balance' if config.balance else '') +
           ('_late_dq' if config.late_dq_store else '') +
-          ('_atomic' if config.dq_atomic else ''))
+          (f'_atomic{config.dq_atomic}' if config.dq_atomic else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -475,7 +476,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
           if head_dim <= 96]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED, LATE_DQ, ATOMIC_DQ, LATE_ATOMIC_DQ]
+           for config in ([FUSED, LATE_DQ, ATOMIC_DQ, LATE_ATOMIC_DQ,
+                           PAIRS_DQ, LATE_PAIRS_DQ]
                           if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
@@ -521,7 +523,9 @@ def test_stagger_refuses_pingpong_and_fused():
   with pytest.raises(ValueError, match='late_dq_store is for the fused'):
     MosaicBwdConfig(late_dq_store=True)
   with pytest.raises(ValueError, match='dq_atomic is for the fused'):
-    MosaicBwdConfig(block_k=128, dq_atomic=True)
+    MosaicBwdConfig(block_k=128, dq_atomic=1)
+  with pytest.raises(ValueError, match='dq_atomic is 0, 1 or 2'):
+    MosaicBwdConfig(fused=True, dq_atomic=4)
   with pytest.raises(ValueError, match='balance is for the persistent'):
     MosaicBwdConfig(balance=True)
 
@@ -785,6 +789,8 @@ GPU_VARIANTS = [
                                         persistent=True, balance=True)),
     fa.MosaicTuning(bwd=ATOMIC_DQ),
     fa.MosaicTuning(bwd=LATE_ATOMIC_DQ),
+    fa.MosaicTuning(bwd=PAIRS_DQ),
+    fa.MosaicTuning(bwd=LATE_PAIRS_DQ),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
