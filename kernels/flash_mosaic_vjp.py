@@ -77,6 +77,11 @@ class MosaicBwdConfig:
     wait for TMA on the consumers' path. Mosaic's own atomic store (1) adds
     one value an instruction; 2 adds a thread's pair of adjacent columns
     (red.global.add.v2.f32, sm_90), half the instructions and L2 requests.
+  dq_own_keys: fused with dq_atomic: each consumer adds the dQ of its own
+    64 keys' dS^T over the whole head dim (at d128 in two parts), so the
+    consumers never wait for each other's dS^T and may stagger; twice the
+    reduction stores, and dQ's wgmmas are k64 instead of k128. GPU only
+    (the interpreter has no atomic stores).
   """
   block_q: int = 64
   block_k: int = 64
@@ -87,6 +92,7 @@ class MosaicBwdConfig:
   late_dq_store: bool = False
   balance: bool = False
   dq_atomic: int = 0
+  dq_own_keys: bool = False
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -110,8 +116,10 @@ class MosaicBwdConfig:
     if self.fused and self.block_q != fm.ROWS_WG:
       raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
                        f'{self.block_q}')
-    if self.fused and self.stagger:  # dQ's dS exchange meets every step
-      raise ValueError('stagger is for the two-kernel backward')
+    # dQ's dS exchange meets every step, unless each consumer takes its own.
+    if self.fused and self.stagger and not self.dq_own_keys:
+      raise ValueError('stagger is for the two-kernel backward or '
+                       'dq_own_keys')
     if self.fused and self.persistent:
       raise ValueError('persistent is for the two-kernel backward')
     if self.late_dq_store and not self.fused:
@@ -120,6 +128,12 @@ class MosaicBwdConfig:
       raise ValueError(f'dq_atomic is 0, 1 or 2, got {self.dq_atomic}')
     if self.dq_atomic and not self.fused:
       raise ValueError('dq_atomic is for the fused backward')
+    # Both consumers add into the same dQ rows: atomically, and without a
+    # smem buffer per part.
+    if self.dq_own_keys and not self.dq_atomic:
+      raise ValueError('dq_own_keys needs dq_atomic')
+    if self.dq_own_keys and self.late_dq_store:
+      raise ValueError('dq_own_keys is without late_dq_store')
     if self.balance and not self.persistent:
       raise ValueError('balance is for the persistent backward')
 
@@ -245,10 +259,12 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
 
   parts = head_dim // DQ_COLS
   # d128: two dQ parts, one per consumer every step; d64: one part, the
-  # consumers take turns. Issued inside the step right behind dK, so one
-  # wait drains dK, dV and dQ (at d64 1-2% less time than a turn after the
-  # step, 2026-12-04).
-  part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
+  # consumers take turns; dq_own_keys: every part from each consumer's own
+  # keys. Issued inside the step right behind dK, so one wait drains dK, dV
+  # and dQ (at d64 1-2% less time than a turn after the step, 2026-12-04).
+  own = config.dq_own_keys
+  part_per_consumer = (config.fused and parts == fm.NUM_CONSUMERS and
+                       not own)
   my_part = wg if part_per_consumer else 0
   late = config.late_dq_store  # dQ_j carried into step j + 1
 
@@ -256,19 +272,26 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     return True if part_per_consumer else lax.rem(step, 2) == wg
 
   def share_ds(step, ds_t):
-    """Fused: this consumer's dS^T to the tile both read dQ from."""
+    """Fused: this consumer's dS^T to the tile both read dQ from (own: that
+    only it reads, its last reader waited for within the step before)."""
     buf = lax.rem(step, 2)
-    plgpu.barrier_wait(ds_free.at[buf])  # its readers two steps back are done
+    if not own:  # its readers two steps back are done
+      plgpu.barrier_wait(ds_free.at[buf])
     ds_smem.at[buf, wg][...] = ds_t
     plgpu.commit_smem()
-    plgpu.barrier_arrive(ds_ready.at[buf])
+    if not own:
+      plgpu.barrier_arrive(ds_ready.at[buf])
 
   def dq_part(step, part, acc_ref):
     """dQ of the step's query rows, columns of `part`, against all the CTA's
-    keys (both consumers' dS^T); waits for every wgmma in flight."""
+    keys (both consumers' dS^T; own: this consumer's keys only); waits for
+    every wgmma in flight."""
     buf = lax.rem(step, 2)
-    plgpu.barrier_wait(ds_ready.at[buf])
     cols = pl.ds(part * DQ_COLS, DQ_COLS)
+    if own:
+      plgpu.wgmma(acc_ref, ds_smem.at[buf, wg].T, k_smem.at[:, cols])
+      return acc_ref[...]
+    plgpu.barrier_wait(ds_ready.at[buf])
     for w in range(fm.NUM_CONSUMERS):
       plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
     dq = acc_ref[...]
@@ -374,7 +397,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
       # before dS is built (without this, ptxas spilled at d128).
       with jax.named_scope('ds'):
         ds_t = grad_scores(slot, p16_t.astype(jnp.float32)
-                           if part_per_consumer else p_t, dp_t)
+                           if config.fused and parts > 1 else p_t, dp_t)
       if config.fused:
         with jax.named_scope('share_ds'):
           share_ds(step, ds_t)
@@ -386,6 +409,9 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
         with jax.named_scope('dq'):
           if late:
             dq = (dq_late(step, *dq_last),)
+          elif own:
+            for part in range(parts):
+              dq_of(step, part)
           elif part_per_consumer:
             dq_of(step, wg)
           else:
@@ -409,7 +435,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     return lax.fori_loop(first_full, num_q,
                          functools.partial(body, False, g), carry)
 
-  if config.fused:  # both dS buffers start free
+  if config.fused and not own:  # both dS buffers start free
     for buf in range(2):
       plgpu.barrier_arrive(ds_free.at[buf])
   if config.stagger:  # every dK/dV CTA has a step: its last key sees a query
@@ -423,7 +449,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     last = group * per_head - 1
     pl.when(computes_dq(last))(functools.partial(dq_store, last, my_part,
                                                  *dq_last))
-  if config.fused:
+  if config.fused and not own:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])
   k_smem[...] = (dk * sm_scale).astype(dtype)
@@ -708,6 +734,9 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   attention); dlse, if not None, is the cotangent of lse. Inputs validated and
   fm.unsupported() is None."""
   config = config or MosaicBwdConfig.default(q.shape[3], causal)
+  if config.dq_own_keys and interpret:
+    raise ValueError('dq_own_keys runs on the GPU only: the Mosaic GPU '
+                     'interpreter has no atomic stores')
   if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
     raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
                      f'got {q.shape[3]}')

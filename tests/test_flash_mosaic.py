@@ -176,6 +176,9 @@ ATOMIC_DQ = MosaicBwdConfig(fused=True, dq_atomic=1)
 LATE_ATOMIC_DQ = MosaicBwdConfig(fused=True, late_dq_store=True, dq_atomic=1)
 PAIRS_DQ = MosaicBwdConfig(fused=True, dq_atomic=2)
 LATE_PAIRS_DQ = MosaicBwdConfig(fused=True, late_dq_store=True, dq_atomic=2)
+OWN_DQ = MosaicBwdConfig(fused=True, dq_atomic=1, dq_own_keys=True)
+OWN_PAIRS_DQ_STAGGER = MosaicBwdConfig(fused=True, dq_atomic=2,
+                                       dq_own_keys=True, stagger=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -232,7 +235,8 @@ def _bwd_config_id(config):
           ('_persistent' if config.persistent else '') +
           ('_balance' if config.balance else '') +
           ('_late_dq' if config.late_dq_store else '') +
-          (f'_atomic{config.dq_atomic}' if config.dq_atomic else ''))
+          (f'_atomic{config.dq_atomic}' if config.dq_atomic else '') +
+          ('_own' if config.dq_own_keys else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -477,7 +481,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
            for config in ([FUSED, LATE_DQ, ATOMIC_DQ, LATE_ATOMIC_DQ,
-                           PAIRS_DQ, LATE_PAIRS_DQ]
+                           PAIRS_DQ, LATE_PAIRS_DQ, OWN_DQ,
+                           OWN_PAIRS_DQ_STAGGER]
                           if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
@@ -526,6 +531,19 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicBwdConfig(block_k=128, dq_atomic=1)
   with pytest.raises(ValueError, match='dq_atomic is 0, 1 or 2'):
     MosaicBwdConfig(fused=True, dq_atomic=4)
+  with pytest.raises(ValueError, match='dq_own_keys needs dq_atomic'):
+    MosaicBwdConfig(fused=True, dq_own_keys=True)
+  with pytest.raises(ValueError, match='dq_own_keys is without late'):
+    MosaicBwdConfig(fused=True, dq_atomic=1, dq_own_keys=True,
+                    late_dq_store=True)
+  with pytest.raises(ValueError, match='stagger is for the two-kernel'):
+    MosaicBwdConfig(fused=True, dq_atomic=1, stagger=True)
+  q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
+  with pytest.raises(ValueError, match='dq_own_keys runs on the GPU only'):
+    jax.eval_shape(lambda q, lse: flash_mosaic_vjp.flash_bwd(
+        q, q, q, q, lse, q, None, sm_scale=0.1, causal=False, interpret=True,
+        config=OWN_DQ), q, lse)
   with pytest.raises(ValueError, match='balance is for the persistent'):
     MosaicBwdConfig(balance=True)
 
@@ -791,6 +809,8 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=LATE_ATOMIC_DQ),
     fa.MosaicTuning(bwd=PAIRS_DQ),
     fa.MosaicTuning(bwd=LATE_PAIRS_DQ),
+    fa.MosaicTuning(bwd=OWN_DQ),
+    fa.MosaicTuning(bwd=OWN_PAIRS_DQ_STAGGER),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
