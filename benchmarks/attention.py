@@ -570,22 +570,55 @@ def main():
     print_table(records)
 
 
+def _case(r):
+  return r['s'], r['d'], r['b'], r['h'], r['causal']
+
+
+def _timed(records, impl, case):
+  return next((r for r in records if r['impl'] == impl and _case(r) == case
+               and 'error' not in r), None)
+
+
+def ratios_to(records, impl, ref='cudnn', target=1.05):
+  """{case: (fwd, fwd+bwd)} of impl's speed over ref's where both ran, and
+  how many cases reach `target` both ways, forward and forward+backward."""
+  ratios = {}
+  for case in dict.fromkeys(map(_case, records)):
+    ours, theirs = _timed(records, impl, case), _timed(records, ref, case)
+    if ours and theirs:
+      ratios[case] = (theirs['fwd_ms'] / ours['fwd_ms'],
+                      theirs['fwdbwd_ms'] / ours['fwdbwd_ms'])
+  met = dict(both=sum(min(r) >= target for r in ratios.values()),
+             fwd=sum(r[0] >= target for r in ratios.values()),
+             fwdbwd=sum(r[1] >= target for r in ratios.values()))
+  return ratios, met
+
+
 def print_table(records):
   impls = list(dict.fromkeys(r['impl'] for r in records))
-  rows = list(dict.fromkeys((r['s'], r['d'], r['b'], r['h'], r['causal'])
-                            for r in records))
-  print('TFLOP/s fwd / fwd+bwd')
-  print(f'{"shape":28s}' + ''.join(f'{i:>16s}' for i in impls))
-  for s, d, b, h, causal in rows:
+  ours = [i for i in impls if i in OURS and 'cudnn' in impls]
+  ratios = {impl: ratios_to(records, impl) for impl in ours}
+  print('TFLOP/s fwd / fwd+bwd' + (', and the ratio to cuDNN' if ours else ''))
+  print(f'{"shape":28s}' + ''.join(f'{i:>16s}' for i in impls) +
+        ''.join(f'{i + "/cudnn":>16s}' for i in ours))
+  for case in dict.fromkeys(map(_case, records)):
     cells = []
     for impl in impls:
-      r = next((r for r in records if r['impl'] == impl and
-                (r['s'], r['d'], r['b'], r['h'], r['causal']) ==
-                (s, d, b, h, causal)), None)
-      cells.append('-' if r is None or 'error' in r else
+      r = _timed(records, impl, case)
+      cells.append('-' if r is None else
                    f'{r["tflops_fwd"]:.0f} / {r["tflops_fwdbwd"]:.0f}')
+    for impl in ours:
+      fwd_fwdbwd = ratios[impl][0].get(case)
+      cells.append('-' if fwd_fwdbwd is None else
+                   '{:.3f} / {:.3f}'.format(*fwd_fwdbwd))
+    s, d, b, h, causal = case
     name = f's{s} d{d} b{b} h{h}{" causal" if causal else ""}'
     print(f'{name:28s}' + ''.join(f'{c:>16s}' for c in cells))
+  for impl in ours:
+    case_ratios, met = ratios[impl]
+    print(f'{impl}: >= 1.05x cuDNN both ways on {met["both"]} of '
+          f'{len(case_ratios)} shapes (forward {met["fwd"]}, '
+          f'forward+backward {met["fwdbwd"]})')
 
 
 if __name__ == '__main__':

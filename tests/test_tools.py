@@ -334,6 +334,27 @@ def test_attention_compare_times_impls_in_rounds(monkeypatch):
   assert cudnn['tflops_fwdbwd'] == pytest.approx(3.5 * flops / 8.0 / 1e9)
 
 
+def test_attention_ratios_to_cudnn_count_the_target():
+  """The table's ratios to cuDNN (its time over ours) and the count of
+  shapes at 1.05x: a ratio just under 1.05 does not count, a shape where
+  either side failed is left out."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import attention  # pylint: disable=g-import-not-at-top
+
+  def record(impl, s, fwd_ms, fwdbwd_ms, **extra):
+    return dict(impl=impl, s=s, d=128, b=1, h=16, causal=False,
+                fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms, **extra)
+  records = [record('mosaic', 1024, 1.0, 3.0), record('cudnn', 1024, 1.2, 3.3),
+             record('mosaic', 2048, 1.0, 3.0),
+             record('cudnn', 2048, 1.049, 3.3),
+             record('mosaic', 4096, 1.0, 3.0, error='boom'),
+             record('cudnn', 4096, 2.0, 9.0)]
+  ratios, met = attention.ratios_to(records, 'mosaic')
+  assert ratios == {(1024, 128, 1, 16, False): pytest.approx((1.2, 1.1)),
+                    (2048, 128, 1, 16, False): pytest.approx((1.049, 1.1))}
+  assert met == dict(both=1, fwd=1, fwdbwd=2)
+
+
 @pytest.mark.parametrize('impl', ['mosaic_pad96', 'mosaic_pad128'])
 def test_attention_padded_impls_match_reference(monkeypatch, impl):
   """The d80 padding rows (head_dim zero-padded to 96 or 128, sm_scale kept
