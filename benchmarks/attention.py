@@ -332,11 +332,6 @@ def mosaic_variants(head_dim):
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
     bwd.append(MosaicBwdConfig(fused=True, late_dq_store=True))
-    bwd += [MosaicBwdConfig(fused=True, late_dq_store=late, dq_atomic=width)
-            for width in (1, 2) for late in (False, True)]
-    bwd += [MosaicBwdConfig(fused=True, dq_atomic=width, dq_own_keys=True,
-                            stagger=stagger)
-            for width in (1, 2) for stagger in (False, True)]
     if head_dim <= 64:  # a third stage fits in smem only below d128
       bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
@@ -359,9 +354,7 @@ def describe_mosaic(part, tuning):
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
           f'{" persistent" if c.persistent else ""}'
           f'{" balance" if c.balance else ""}'
-          f'{" late_dq" if c.late_dq_store else ""}'
-          f'{f" atomic{c.dq_atomic}" if c.dq_atomic else ""}'
-          f'{" own" if c.dq_own_keys else ""}')
+          f'{" late_dq" if c.late_dq_store else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):

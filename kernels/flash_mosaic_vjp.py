@@ -23,10 +23,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import llvm
 
 from kernels import flash_mosaic as fm
 
@@ -70,18 +67,6 @@ class MosaicBwdConfig:
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
     d128 backward in the float32 store and 0.7 in the reduce).
-  dq_atomic: fused, 1 or 2 (0: off): each dQ part goes from registers
-    straight into the float32 dQ in HBM with reduction stores
-    (red.global.add, as FlashAttention-2 adds dQ) of that many values, not
-    through smem and a TMA reduce-add: no float32 smem store, proxy fence or
-    wait for TMA on the consumers' path. Mosaic's own atomic store (1) adds
-    one value an instruction; 2 adds a thread's pair of adjacent columns
-    (red.global.add.v2.f32, sm_90), half the instructions and L2 requests.
-  dq_own_keys: fused with dq_atomic: each consumer adds the dQ of its own
-    64 keys' dS^T over the whole head dim (at d128 in two parts), so the
-    consumers never wait for each other's dS^T and may stagger; twice the
-    reduction stores, and dQ's wgmmas are k64 instead of k128. GPU only
-    (the interpreter has no atomic stores).
   """
   block_q: int = 64
   block_k: int = 64
@@ -91,8 +76,6 @@ class MosaicBwdConfig:
   persistent: bool = False
   late_dq_store: bool = False
   balance: bool = False
-  dq_atomic: int = 0
-  dq_own_keys: bool = False
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -116,24 +99,12 @@ class MosaicBwdConfig:
     if self.fused and self.block_q != fm.ROWS_WG:
       raise ValueError(f'fused needs block_q == {fm.ROWS_WG}, got '
                        f'{self.block_q}')
-    # dQ's dS exchange meets every step, unless each consumer takes its own.
-    if self.fused and self.stagger and not self.dq_own_keys:
-      raise ValueError('stagger is for the two-kernel backward or '
-                       'dq_own_keys')
+    if self.fused and self.stagger:  # dQ's dS exchange meets every step
+      raise ValueError('stagger is for the two-kernel backward')
     if self.fused and self.persistent:
       raise ValueError('persistent is for the two-kernel backward')
     if self.late_dq_store and not self.fused:
       raise ValueError('late_dq_store is for the fused backward')
-    if self.dq_atomic not in (0, 1, 2):
-      raise ValueError(f'dq_atomic is 0, 1 or 2, got {self.dq_atomic}')
-    if self.dq_atomic and not self.fused:
-      raise ValueError('dq_atomic is for the fused backward')
-    # Both consumers add into the same dQ rows: atomically, and without a
-    # smem buffer per part.
-    if self.dq_own_keys and not self.dq_atomic:
-      raise ValueError('dq_own_keys needs dq_atomic')
-    if self.dq_own_keys and self.late_dq_store:
-      raise ValueError('dq_own_keys is without late_dq_store')
     if self.balance and not self.persistent:
       raise ValueError('balance is for the persistent backward')
 
@@ -212,28 +183,6 @@ def _add_to_gmem(x, dst, smem_ref, bar, interpret):
                           reduction_op=None if interpret else 'add')
 
 
-@plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA))
-def _add_pairs(_, dst, x):
-  """dst += x (float32, WGMMA layout) from registers, one
-  red.global.add.v2.f32 per register pair (two adjacent columns), where
-  Mosaic's atomic store issues one per value. Addresses as Mosaic's
-  untiled store computes them."""
-  dst = mgpu.utils.memref_reshape(dst, (1, 1, *x.shape))
-  to_global = llvm.PointerType.get(address_space=1)
-  for get, _, _, ptr in x.transfer_tiled(dst, 16, x.layout, x.shape,
-                                         optimized=False):
-    if ptr.type.address_space != 1:  # a generic pointer to GMEM
-      ptr = llvm.addrspacecast(to_global, ptr)
-    pair = get(x.registers)
-    values = [llvm.extractelement(pair, mgpu.utils.c(i, ir.IntegerType
-                                                     .get_signless(32)))
-              for i in range(2)]
-    llvm.inline_asm(
-        ir.Type.parse('!llvm.void'), [ptr, *values],
-        'red.global.relaxed.gpu.add.v2.f32 [$0], {$1, $2};', 'l,f,f',
-        has_side_effects=True)
-
-
 def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
                group, sm_scale, causal_offset, config, interpret):
   """One tile's steps, from K/V buffer buf, its step j on slot (base + j) %
@@ -259,12 +208,10 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
 
   parts = head_dim // DQ_COLS
   # d128: two dQ parts, one per consumer every step; d64: one part, the
-  # consumers take turns; dq_own_keys: every part from each consumer's own
-  # keys. Issued inside the step right behind dK, so one wait drains dK, dV
-  # and dQ (at d64 1-2% less time than a turn after the step, 2026-12-04).
-  own = config.dq_own_keys
-  part_per_consumer = (config.fused and parts == fm.NUM_CONSUMERS and
-                       not own)
+  # consumers take turns. Issued inside the step right behind dK, so one
+  # wait drains dK, dV and dQ (at d64 1-2% less time than a turn after the
+  # step, 2026-12-04).
+  part_per_consumer = config.fused and parts == fm.NUM_CONSUMERS
   my_part = wg if part_per_consumer else 0
   late = config.late_dq_store  # dQ_j carried into step j + 1
 
@@ -272,26 +219,19 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     return True if part_per_consumer else lax.rem(step, 2) == wg
 
   def share_ds(step, ds_t):
-    """Fused: this consumer's dS^T to the tile both read dQ from (own: that
-    only it reads, its last reader waited for within the step before)."""
+    """Fused: this consumer's dS^T to the tile both read dQ from."""
     buf = lax.rem(step, 2)
-    if not own:  # its readers two steps back are done
-      plgpu.barrier_wait(ds_free.at[buf])
+    plgpu.barrier_wait(ds_free.at[buf])  # its readers two steps back are done
     ds_smem.at[buf, wg][...] = ds_t
     plgpu.commit_smem()
-    if not own:
-      plgpu.barrier_arrive(ds_ready.at[buf])
+    plgpu.barrier_arrive(ds_ready.at[buf])
 
   def dq_part(step, part, acc_ref):
     """dQ of the step's query rows, columns of `part`, against all the CTA's
-    keys (both consumers' dS^T; own: this consumer's keys only); waits for
-    every wgmma in flight."""
+    keys (both consumers' dS^T); waits for every wgmma in flight."""
     buf = lax.rem(step, 2)
-    cols = pl.ds(part * DQ_COLS, DQ_COLS)
-    if own:
-      plgpu.wgmma(acc_ref, ds_smem.at[buf, wg].T, k_smem.at[:, cols])
-      return acc_ref[...]
     plgpu.barrier_wait(ds_ready.at[buf])
+    cols = pl.ds(part * DQ_COLS, DQ_COLS)
     for w in range(fm.NUM_CONSUMERS):
       plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
     dq = acc_ref[...]
@@ -306,15 +246,11 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     dq_store(step, part, dq_compute(step, part))
 
   def dq_store(step, part, dq):
-    """dQ_part of `step`'s query rows added into dq_ref: dq_atomic from
-    registers; otherwise through this consumer's dQ buffers in turn (d64:
-    it computes every other step's, so the step's parity would always pick
-    the same buffer)."""
+    """dQ_part of `step`'s query rows reduce-added into dq_ref, through
+    this consumer's dQ buffers in turn (d64: it computes every other
+    step's, so the step's parity would always pick the same buffer)."""
     h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
     dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
-    if config.dq_atomic and not interpret:  # the interpreter has none
-      (plgpu.atomic_add if config.dq_atomic == 1 else _add_pairs)(dst, dq)
-      return
     buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
     _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
                  None if dq_bar is None else dq_bar.at[wg], interpret)
@@ -397,7 +333,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
       # before dS is built (without this, ptxas spilled at d128).
       with jax.named_scope('ds'):
         ds_t = grad_scores(slot, p16_t.astype(jnp.float32)
-                           if config.fused and parts > 1 else p_t, dp_t)
+                           if part_per_consumer else p_t, dp_t)
       if config.fused:
         with jax.named_scope('share_ds'):
           share_ds(step, ds_t)
@@ -409,9 +345,6 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
         with jax.named_scope('dq'):
           if late:
             dq = (dq_late(step, *dq_last),)
-          elif own:
-            for part in range(parts):
-              dq_of(step, part)
           elif part_per_consumer:
             dq_of(step, wg)
           else:
@@ -435,7 +368,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     return lax.fori_loop(first_full, num_q,
                          functools.partial(body, False, g), carry)
 
-  if config.fused and not own:  # both dS buffers start free
+  if config.fused:  # both dS buffers start free
     for buf in range(2):
       plgpu.barrier_arrive(ds_free.at[buf])
   if config.stagger:  # every dK/dV CTA has a step: its last key sees a query
@@ -449,7 +382,7 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
     last = group * per_head - 1
     pl.when(computes_dq(last))(functools.partial(dq_store, last, my_part,
                                                  *dq_last))
-  if config.fused and not own:
+  if config.fused:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])
   k_smem[...] = (dk * sm_scale).astype(dtype)
@@ -734,9 +667,6 @@ def flash_bwd(q, k, v, o, lse, do, dlse, *, sm_scale, causal, interpret,
   attention); dlse, if not None, is the cotangent of lse. Inputs validated and
   fm.unsupported() is None."""
   config = config or MosaicBwdConfig.default(q.shape[3], causal)
-  if config.dq_own_keys and interpret:
-    raise ValueError('dq_own_keys runs on the GPU only: the Mosaic GPU '
-                     'interpreter has no atomic stores')
   if config.fused and q.shape[3] not in FUSED_HEAD_DIMS:
     raise ValueError(f'fused backward needs head_dim in {FUSED_HEAD_DIMS}, '
                      f'got {q.shape[3]}')
@@ -826,7 +756,7 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
           # Fused: each consumer's dQ parts, two buffers (a reduce-add in
           # flight reads one while the next part is written to the other).
           fm.smem((fm.NUM_CONSUMERS, 2, bq, DQ_COLS), jnp.float32)
-          if fused and (interpret or not config.dq_atomic) else None,
+          if fused else None,
           own_bars, own_bars, per_stage, per_stage, per_stage, per_stage,
           freed, plgpu.Barrier(num_arrivals=fm.NUM_CONSUMERS, num_barriers=2),
           # ds_free: both consumers done with the buffer.

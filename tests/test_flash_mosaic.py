@@ -172,13 +172,6 @@ BWD_CASES = [
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 LATE_DQ = MosaicBwdConfig(fused=True, late_dq_store=True)
-ATOMIC_DQ = MosaicBwdConfig(fused=True, dq_atomic=1)
-LATE_ATOMIC_DQ = MosaicBwdConfig(fused=True, late_dq_store=True, dq_atomic=1)
-PAIRS_DQ = MosaicBwdConfig(fused=True, dq_atomic=2)
-LATE_PAIRS_DQ = MosaicBwdConfig(fused=True, late_dq_store=True, dq_atomic=2)
-OWN_DQ = MosaicBwdConfig(fused=True, dq_atomic=1, dq_own_keys=True)
-OWN_PAIRS_DQ_STAGGER = MosaicBwdConfig(fused=True, dq_atomic=2,
-                                       dq_own_keys=True, stagger=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -212,9 +205,6 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], LATE_DQ),
     (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), LATE_DQ),
     (Case(1, 192, 256, 3, 1, 64, True), LATE_DQ),
-    # Fused, dQ added from registers: on the GPU only (the interpreter has
-    # no atomic stores and runs the smem path), so this checks the wiring.
-    (BWD_CASES[0], LATE_ATOMIC_DQ),
     # Persistent with balanced tiles (3 CTAs): GQA causal, 8 dK/dV tiles of
     # 2 batch rows and 8 dQ tiles, staggered; no-key rows, MQA.
     (Case(2, 256, 512, 4, 2, 128, True),
@@ -234,9 +224,7 @@ def _bwd_config_id(config):
           ('_stagger' if config.stagger else '') +
           ('_persistent' if config.persistent else '') +
           ('_balance' if config.balance else '') +
-          ('_late_dq' if config.late_dq_store else '') +
-          (f'_atomic{config.dq_atomic}' if config.dq_atomic else '') +
-          ('_own' if config.dq_own_keys else ''))
+          ('_late_dq' if config.late_dq_store else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -431,7 +419,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), three
   consumers up to d96, the fused backward where it runs (also with the
-  late dQ store, and dQ added from registers), a 3-stage dQ kernel below d128 and the persistent dK/dV
+  late dQ store), a 3-stage dQ kernel below d128 and the persistent dK/dV
   kernel (two K/V buffers), plus 128-row dK/dV steps (a setting out of the
   sweep); the interpreter lacks the accumulator store (overlap), TMA
   reduce-add (fused) and shared-memory limit that only this build has."""
@@ -480,10 +468,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
           if head_dim <= 96]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED, LATE_DQ, ATOMIC_DQ, LATE_ATOMIC_DQ,
-                           PAIRS_DQ, LATE_PAIRS_DQ, OWN_DQ,
-                           OWN_PAIRS_DQ_STAGGER]
-                          if fused else [TWO_KERNELS]) +
+           for config in ([FUSED, LATE_DQ] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -527,23 +512,6 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicBwdConfig(fused=True, persistent=True)
   with pytest.raises(ValueError, match='late_dq_store is for the fused'):
     MosaicBwdConfig(late_dq_store=True)
-  with pytest.raises(ValueError, match='dq_atomic is for the fused'):
-    MosaicBwdConfig(block_k=128, dq_atomic=1)
-  with pytest.raises(ValueError, match='dq_atomic is 0, 1 or 2'):
-    MosaicBwdConfig(fused=True, dq_atomic=4)
-  with pytest.raises(ValueError, match='dq_own_keys needs dq_atomic'):
-    MosaicBwdConfig(fused=True, dq_own_keys=True)
-  with pytest.raises(ValueError, match='dq_own_keys is without late'):
-    MosaicBwdConfig(fused=True, dq_atomic=1, dq_own_keys=True,
-                    late_dq_store=True)
-  with pytest.raises(ValueError, match='stagger is for the two-kernel'):
-    MosaicBwdConfig(fused=True, dq_atomic=1, stagger=True)
-  q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
-  lse = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
-  with pytest.raises(ValueError, match='dq_own_keys runs on the GPU only'):
-    jax.eval_shape(lambda q, lse: flash_mosaic_vjp.flash_bwd(
-        q, q, q, q, lse, q, None, sm_scale=0.1, causal=False, interpret=True,
-        config=OWN_DQ), q, lse)
   with pytest.raises(ValueError, match='balance is for the persistent'):
     MosaicBwdConfig(balance=True)
 
@@ -805,12 +773,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=LATE_DQ),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True, balance=True)),
-    fa.MosaicTuning(bwd=ATOMIC_DQ),
-    fa.MosaicTuning(bwd=LATE_ATOMIC_DQ),
-    fa.MosaicTuning(bwd=PAIRS_DQ),
-    fa.MosaicTuning(bwd=LATE_PAIRS_DQ),
-    fa.MosaicTuning(bwd=OWN_DQ),
-    fa.MosaicTuning(bwd=OWN_PAIRS_DQ_STAGGER),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
