@@ -270,16 +270,22 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
 
   def dq_store(step, part, dq):
     """dQ_part of `step`'s query rows reduce-added into dq_ref
-    (late_dq_reduce: staged only; dq_reduce issues the add)."""
+    (late_dq_reduce: staged only; dq_deferred issues the add)."""
     dst, smem_ref = dq_target(step, part)
     _stage_add(dq, dst, smem_ref, None if dq_bar is None else dq_bar.at[wg],
                interpret)
     if not config.late_dq_reduce:
       _issue_add(dst, smem_ref, interpret)
 
-  def dq_reduce(step):
-    """late_dq_reduce: the reduce-add of `step`'s staged dQ part."""
-    _issue_add(*dq_target(step, my_part), interpret)
+  deferred = late or config.late_dq_reduce
+
+  def dq_deferred(step, dq_last):
+    """What the step after `step` finishes of its dQ part: late_dq_store
+    the store (dq_last carried), late_dq_reduce the reduce-add."""
+    if late:
+      dq_store(step, my_part, *dq_last)
+    else:
+      _issue_add(*dq_target(step, my_part), interpret)
 
   def skip_dq(step):
     """d64, not this consumer's turn: it frees the buffer at once (ds_free
@@ -341,14 +347,10 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
         pl.when((step == 0) & (wg == 0))(functools.partial(fm.meet_at, turn))
       if prefetch is not None:
         pl.when(step == 0)(prefetch)
-      if late:
-        with jax.named_scope('dq_store'):
+      if deferred:
+        with jax.named_scope('dq_deferred'):
           pl.when((step > 0) & computes_dq(step - 1))(functools.partial(
-              dq_store, step - 1, my_part, *dq_last))
-      if config.late_dq_reduce:
-        with jax.named_scope('dq_reduce'):
-          pl.when((step > 0) & computes_dq(step - 1))(functools.partial(
-              dq_reduce, step - 1))
+              dq_deferred, step - 1, dq_last))
       with jax.named_scope('wait_s'):
         s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
       with jax.named_scope('p'):
@@ -408,12 +410,9 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   if late:  # every dK/dV CTA has a step, so a dQ_j to store at the end
     carry += (fm.wgmma_full((bq, DQ_COLS), 0.0),)
   dk, dv, *dq_last = lax.fori_loop(0, group, head, carry)
-  last = group * per_head - 1
-  if late:
-    pl.when(computes_dq(last))(functools.partial(dq_store, last, my_part,
-                                                 *dq_last))
-  if config.late_dq_reduce:
-    pl.when(computes_dq(last))(functools.partial(dq_reduce, last))
+  if deferred:
+    last = group * per_head - 1
+    pl.when(computes_dq(last))(functools.partial(dq_deferred, last, dq_last))
   if config.fused:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])

@@ -319,8 +319,8 @@ def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
   in turns; also with 3 stages at d64; and with each step's dQ stored,
-  or reduce-added, during the next), two buffers guarded by ds_ready / ds_free. Only dQ's
-  reduce may be reported: the interpreter has no TMA reduce-add, and its
+  or reduce-added, during the next), two buffers guarded by ds_ready /
+  ds_free. Only dQ's reduce may be reported: the interpreter has no TMA reduce-add, and its
   stand-in (load, add, store; exact as CTAs run one after another) is seen
   racing with the same tile's add from another CTA."""
   case = Case(1, 256, 256, 2, 1, head_dim, True)
@@ -428,8 +428,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), three
   consumers up to d96, the fused backward where it runs (also with the
-  late dQ store and the late reduce-add), a 3-stage dQ kernel below d128 and the persistent dK/dV
-  kernel (two K/V buffers), plus 128-row dK/dV steps (a setting out of the
+  late dQ store and the late reduce-add), a 3-stage dQ kernel below d128
+  and the persistent dK/dV kernel (two K/V buffers), plus 128-row dK/dV steps (a setting out of the
   sweep); the interpreter lacks the accumulator store (overlap), TMA
   reduce-add (fused) and shared-memory limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
