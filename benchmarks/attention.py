@@ -332,7 +332,6 @@ def mosaic_variants(head_dim):
   if head_dim in FUSED_HEAD_DIMS:
     bwd.append(MosaicBwdConfig(fused=True))
     bwd.append(MosaicBwdConfig(fused=True, late_dq_store=True))
-    bwd.append(MosaicBwdConfig(fused=True, late_dq_reduce=True))
     if head_dim <= 64:  # a third stage fits in smem only below d128
       bwd.append(MosaicBwdConfig(num_stages=3, fused=True))
   return ([('fwd', MosaicTuning(fwd=c)) for c in fwd] +
@@ -355,8 +354,7 @@ def describe_mosaic(part, tuning):
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'
           f'{" persistent" if c.persistent else ""}'
           f'{" balance" if c.balance else ""}'
-          f'{" late_dq" if c.late_dq_store else ""}'
-          f'{" late_reduce" if c.late_dq_reduce else ""}')
+          f'{" late_dq" if c.late_dq_store else ""}')
 
 
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):

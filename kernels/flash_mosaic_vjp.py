@@ -67,10 +67,6 @@ class MosaicBwdConfig:
     once step j + 1's S^T and dP^T are issued, not before, so the tensor
     cores run them during the store (knock-outs put 1.3 ms of the s8192
     d128 backward in the float32 store and 0.7 in the reduce).
-  late_dq_reduce: fused: step j's dQ part is stored to smem in step j, but
-    its proxy fence, warpgroup barrier and TMA reduce-add are issued in
-    step j + 1 once S^T and dP^T are, so the fence's wait for the store
-    runs under those wgmmas instead of in series with the step.
   """
   block_q: int = 64
   block_k: int = 64
@@ -80,7 +76,6 @@ class MosaicBwdConfig:
   persistent: bool = False
   late_dq_store: bool = False
   balance: bool = False
-  late_dq_reduce: bool = False
 
   @classmethod
   def default(cls, head_dim, causal):
@@ -110,11 +105,6 @@ class MosaicBwdConfig:
       raise ValueError('persistent is for the two-kernel backward')
     if self.late_dq_store and not self.fused:
       raise ValueError('late_dq_store is for the fused backward')
-    if self.late_dq_reduce and not self.fused:
-      raise ValueError('late_dq_reduce is for the fused backward')
-    if self.late_dq_reduce and self.late_dq_store:
-      raise ValueError('late_dq_reduce and late_dq_store are exclusive: '
-                       'the late store already reduces in the next step')
     if self.balance and not self.persistent:
       raise ValueError('balance is for the persistent backward')
 
@@ -175,11 +165,11 @@ def _consumer(run_tile, own_refs, refs, smem, bars, *, wg, count, tile,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _stage_add(x, dst, smem_ref, bar, interpret):
-  """x (float32 registers) into smem_ref, for _issue_add to add into dst.
-  The interpreter has no reduce-add: there dst is loaded and added here and
-  _issue_add stores it (it runs CTAs one after another, and a CTA's own
-  adds touch distinct tiles, so that is exact)."""
+def _add_to_gmem(x, dst, smem_ref, bar, interpret):
+  """dst += x (float32 registers) through smem_ref with a TMA reduce-add.
+  The interpreter has no reduce-add: there a load, add and store stand in
+  (it runs CTAs one after another, and a CTA's own adds touch distinct
+  tiles, so that is exact)."""
   if interpret:
     plgpu.wait_smem_to_gmem(0)
     plgpu.copy_gmem_to_smem(dst, smem_ref, bar)
@@ -188,10 +178,6 @@ def _stage_add(x, dst, smem_ref, bar, interpret):
   else:  # smem_ref is one of two buffers: the reduce before last read it
     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
   smem_ref[...] = x
-
-
-def _issue_add(dst, smem_ref, interpret):
-  """dst += smem_ref (staged by _stage_add) with a TMA reduce-add."""
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(smem_ref, dst,
                           reduction_op=None if interpret else 'add')
@@ -259,33 +245,15 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   def dq_of(step, part):
     dq_store(step, part, dq_compute(step, part))
 
-  def dq_target(step, part):
-    """(dQ_part of `step`'s query rows, this consumer's dQ buffer for it):
-    its buffers in turn (d64: it computes every other step's, so the
-    step's parity would always pick the same buffer)."""
+  def dq_store(step, part, dq):
+    """dQ_part of `step`'s query rows reduce-added into dq_ref, through
+    this consumer's dQ buffers in turn (d64: it computes every other
+    step's, so the step's parity would always pick the same buffer)."""
     h, q_rows = _step_rows(step, kv_h, group, lo, per_head, bq)
     dst = dq_ref.at[b, q_rows, h, pl.ds(part * DQ_COLS, DQ_COLS)]
     buf = lax.rem(step if part_per_consumer else lax.div(step, 2), 2)
-    return dst, dq_smem.at[wg, buf]
-
-  def dq_store(step, part, dq):
-    """dQ_part of `step`'s query rows reduce-added into dq_ref
-    (late_dq_reduce: staged only; dq_deferred issues the add)."""
-    dst, smem_ref = dq_target(step, part)
-    _stage_add(dq, dst, smem_ref, None if dq_bar is None else dq_bar.at[wg],
-               interpret)
-    if not config.late_dq_reduce:
-      _issue_add(dst, smem_ref, interpret)
-
-  deferred = late or config.late_dq_reduce
-
-  def dq_deferred(step, dq_last):
-    """What the step after `step` finishes of its dQ part: late_dq_store
-    the store (dq_last carried), late_dq_reduce the reduce-add."""
-    if late:
-      dq_store(step, my_part, *dq_last)
-    else:
-      _issue_add(*dq_target(step, my_part), interpret)
+    _add_to_gmem(dq, dst, dq_smem.at[wg, buf],
+                 None if dq_bar is None else dq_bar.at[wg], interpret)
 
   def skip_dq(step):
     """d64, not this consumer's turn: it frees the buffer at once (ds_free
@@ -347,10 +315,10 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
         pl.when((step == 0) & (wg == 0))(functools.partial(fm.meet_at, turn))
       if prefetch is not None:
         pl.when(step == 0)(prefetch)
-      if deferred:
-        with jax.named_scope('dq_deferred'):
+      if late:
+        with jax.named_scope('dq_store'):
           pl.when((step > 0) & computes_dq(step - 1))(functools.partial(
-              dq_deferred, step - 1, dq_last))
+              dq_store, step - 1, my_part, *dq_last))
       with jax.named_scope('wait_s'):
         s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
       with jax.named_scope('p'):
@@ -410,9 +378,10 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   if late:  # every dK/dV CTA has a step, so a dQ_j to store at the end
     carry += (fm.wgmma_full((bq, DQ_COLS), 0.0),)
   dk, dv, *dq_last = lax.fori_loop(0, group, head, carry)
-  if deferred:
+  if late:
     last = group * per_head - 1
-    pl.when(computes_dq(last))(functools.partial(dq_deferred, last, dq_last))
+    pl.when(computes_dq(last))(functools.partial(dq_store, last, my_part,
+                                                 *dq_last))
   if config.fused:
     for buf in range(2):  # observe the last frees too
       plgpu.barrier_wait(ds_free.at[buf])

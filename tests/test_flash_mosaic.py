@@ -172,7 +172,6 @@ BWD_CASES = [
 FUSED = MosaicBwdConfig(fused=True)
 TWO_KERNELS = MosaicBwdConfig(block_k=128)
 LATE_DQ = MosaicBwdConfig(fused=True, late_dq_store=True)
-LATE_REDUCE = MosaicBwdConfig(fused=True, late_dq_reduce=True)
 BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], FUSED), (BWD_CASES[3], TWO_KERNELS),
     (Case(1, 384, 128, 2, 1, 64, True), FUSED),          # no-key rows, MQA
@@ -206,11 +205,6 @@ BWD_CONFIGS = [(case, None) for case in BWD_CASES] + [
     (BWD_CASES[0], LATE_DQ),
     (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), LATE_DQ),
     (Case(1, 192, 256, 3, 1, 64, True), LATE_DQ),
-    # Fused, each step's dQ reduce-add issued during the next: the same
-    # three cases.
-    (BWD_CASES[0], LATE_REDUCE),
-    (Case(1, 384, 256, 2, 1, 128, True, jnp.float16), LATE_REDUCE),
-    (Case(1, 192, 256, 3, 1, 64, True), LATE_REDUCE),
     # Persistent with balanced tiles (3 CTAs): GQA causal, 8 dK/dV tiles of
     # 2 batch rows and 8 dQ tiles, staggered; no-key rows, MQA.
     (Case(2, 256, 512, 4, 2, 128, True),
@@ -230,8 +224,7 @@ def _bwd_config_id(config):
           ('_stagger' if config.stagger else '') +
           ('_persistent' if config.persistent else '') +
           ('_balance' if config.balance else '') +
-          ('_late_dq' if config.late_dq_store else '') +
-          ('_late_reduce' if config.late_dq_reduce else ''))
+          ('_late_dq' if config.late_dq_store else ''))
 
 
 @pytest.mark.parametrize('case,config', BWD_CONFIGS,
@@ -312,15 +305,14 @@ def test_persistent_bwd_interpret_no_races(head_dim, balance):
 
 @pytest.mark.parametrize('head_dim,config', [
     (64, FUSED), (128, FUSED), (64, MosaicBwdConfig(num_stages=3, fused=True)),
-    (64, LATE_DQ), (128, LATE_DQ), (64, LATE_REDUCE), (128, LATE_REDUCE)],
-    ids=['d64', 'd128', 'd64_s3', 'd64_late_dq', 'd128_late_dq',
-         'd64_late_reduce', 'd128_late_reduce'])
+    (64, LATE_DQ), (128, LATE_DQ)],
+    ids=['d64', 'd128', 'd64_s3', 'd64_late_dq', 'd128_late_dq'])
 def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
   """The race detector over the fused backward's dS exchange: each consumer
   writes its dS^T, both read them (d128: a dQ half each every step; d64:
-  in turns; also with 3 stages at d64; and with each step's dQ stored,
-  or reduce-added, during the next), two buffers guarded by ds_ready /
-  ds_free. Only dQ's reduce may be reported: the interpreter has no TMA reduce-add, and its
+  in turns; also with 3 stages at d64; and with each step's dQ stored
+  during the next), two buffers guarded by ds_ready / ds_free. Only dQ's
+  reduce may be reported: the interpreter has no TMA reduce-add, and its
   stand-in (load, add, store; exact as CTAs run one after another) is seen
   racing with the same tile's add from another CTA."""
   case = Case(1, 256, 256, 2, 1, head_dim, True)
@@ -331,8 +323,7 @@ def test_fused_bwd_interpret_no_races(head_dim, config, capsys):
       config=config, interpret=plgpu.InterpretGPUParams(detect_races=True)))
   accesses = [line for line in capsys.readouterr().out.splitlines()
               if line.strip().startswith(('read of', 'write of'))]
-  assert all(line.endswith(('(_stage_add)', '(_issue_add)'))
-             for line in accesses), accesses
+  assert all(line.endswith('(_add_to_gmem)') for line in accesses), accesses
 
 
 def test_api_interpret_with_grads():
@@ -428,8 +419,8 @@ def test_variants_lower_for_sm90(head_dim, causal):
   overlap and 3-stage overlap forwards (at d128 the last fills the shared
   memory: it fits only without Pallas's reduction scratch), three
   consumers up to d96, the fused backward where it runs (also with the
-  late dQ store and the late reduce-add), a 3-stage dQ kernel below d128
-  and the persistent dK/dV kernel (two K/V buffers), plus 128-row dK/dV steps (a setting out of the
+  late dQ store), a 3-stage dQ kernel below d128 and the persistent dK/dV
+  kernel (two K/V buffers), plus 128-row dK/dV steps (a setting out of the
   sweep); the interpreter lacks the accumulator store (overlap), TMA
   reduce-add (fused) and shared-memory limit that only this build has."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
@@ -477,8 +468,7 @@ def test_variants_lower_for_sm90(head_dim, causal):
           if head_dim <= 96]
     bwd = [flash_mosaic_vjp.flash_bwd(q, k, v, o, lse, do, None,
                                       config=config, **kwargs)
-           for config in ([FUSED, LATE_DQ, LATE_REDUCE] if fused else
-                          [TWO_KERNELS]) +
+           for config in ([FUSED, LATE_DQ] if fused else [TWO_KERNELS]) +
            # dQ's K and V in 3 stages fit below d128.
            ([MosaicBwdConfig(block_k=128, num_stages=3)]
             if head_dim <= 96 else []) +
@@ -522,10 +512,6 @@ def test_stagger_refuses_pingpong_and_fused():
     MosaicBwdConfig(fused=True, persistent=True)
   with pytest.raises(ValueError, match='late_dq_store is for the fused'):
     MosaicBwdConfig(late_dq_store=True)
-  with pytest.raises(ValueError, match='late_dq_reduce is for the fused'):
-    MosaicBwdConfig(late_dq_reduce=True)
-  with pytest.raises(ValueError, match='late_dq_reduce and late_dq_store'):
-    MosaicBwdConfig(fused=True, late_dq_store=True, late_dq_reduce=True)
   with pytest.raises(ValueError, match='balance is for the persistent'):
     MosaicBwdConfig(balance=True)
 
@@ -787,7 +773,6 @@ GPU_VARIANTS = [
     fa.MosaicTuning(bwd=LATE_DQ),
     fa.MosaicTuning(bwd=MosaicBwdConfig(block_k=128, stagger=True,
                                         persistent=True, balance=True)),
-    fa.MosaicTuning(bwd=LATE_REDUCE),
 ]
 GPU_VARIANT_CASES = [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4],
                      Case(1, 1024, 1024, 8, 2, 128, False),
