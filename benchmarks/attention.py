@@ -190,6 +190,19 @@ def check(shape, causal, impl='flash', block_sizes=None, want=None):
                                             jax.tree.leaves(want)))
 
 
+def more_rounds(timed, rounds):
+  """Rounds 2 to `rounds` of `timed`, a list of groups (an impl's or
+  variant's calls), each a list of (ms_rounds, fn, args): every call timed
+  once a round, the groups in turn, each time appended to its ms_rounds.
+  Every other round takes the groups backwards, so none is always timed
+  last (in fixed order the last-timed one's third round often ran
+  slowest)."""
+  for r in range(1, rounds):
+    for group in (timed[::-1] if r % 2 else timed):
+      for ms_rounds, fn, args in group:
+        ms_rounds.append(time_ms(fn, args))
+
+
 def timed_calls(impl, shape, causal, block_sizes=None):
   """{'fwd': (fn, args), 'fwdbwd': (fn, args)} of one impl, for time_ms."""
   q, k, v, do = inputs(shape, jax.random.PRNGKey(0))
@@ -398,11 +411,8 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
       record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
     record['ptxas'] = reports  # the kernels first compiled for this variant
     records.append(record)
-  # Every other round backwards, so no variant is always timed last (in
-  # fixed order the last-timed variant's third round often ran slowest).
-  for r in range(1, rounds):
-    for record, fn, args in (timed[::-1] if r % 2 else timed):
-      record['ms_rounds'].append(time_ms(fn, args))
+  more_rounds([[(record['ms_rounds'], fn, args)]
+               for record, fn, args in timed], rounds)
   for record, _, _ in timed:
     ms = statistics.median(record['ms_rounds'])
     work = flops if record['part'] == 'fwd' else 2.5 * flops
@@ -474,10 +484,9 @@ def compare(shape, causal, impls, check_ours, rounds=1):
     except Exception as e:  # pylint: disable=broad-except
       record['error'] = f'{type(e).__name__}: {str(e)[:300]}'
     records.append(record)
-  for r in range(1, rounds):
-    for record, calls in (timed[::-1] if r % 2 else timed):
-      for part, call in calls.items():
-        record[f'{part}_ms_rounds'].append(time_ms(*call))
+  more_rounds([[(record[f'{part}_ms_rounds'], *call)
+                for part, call in calls.items()] for record, calls in timed],
+              rounds)
   for record, calls in timed:
     record.update(with_tflops({f'{part}_ms': statistics.median(
         record[f'{part}_ms_rounds']) for part in calls}, shape, causal))
