@@ -323,9 +323,11 @@ def mosaic_variants(head_dim):
   fwd += [MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
                        balance=True),
           MosaicConfig(128, 2, pingpong=True, persistent=True, balance=True)]
-  if head_dim <= 64:
-    fwd.append(MosaicConfig(128, 3, pingpong=True, persistent=True,
-                            balance=True))
+  if head_dim <= 64:  # and the 256-key block of d64 without the mask
+    fwd += [MosaicConfig(128, 3, pingpong=True, persistent=True,
+                         balance=True),
+            MosaicConfig(256, 2, pingpong=True, persistent=True,
+                         balance=True)]
   if head_dim <= 96:  # three consumers' 160 registers: d64, d80/d96 spill
     fwd += [MosaicConfig(128, stages, consumers=3, **schedule)
             for stages in (2, 3)

@@ -122,6 +122,10 @@ FWD_CASES = [
     (Case(1, 512, 512, 3, 1, 64, True),
      MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
                   consumers=3, balance=True)),
+    # 256-key blocks with the mask: the first tile's one block and the
+    # second's last are half past the diagonal.
+    (Case(1, 384, 512, 2, 1, 64, True),
+     MosaicConfig(256, 2, pingpong=True, persistent=True, balance=True)),
 ] + _random_cases(1)
 
 
@@ -736,6 +740,8 @@ GPU_BALANCE_CASES = [
     (Case(2, 4096, 4096, 8, 2, 64, True),
      MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
                   consumers=3, balance=True)),
+    (Case(2, 2048, 2048, 8, 2, 64, True),
+     MosaicConfig(256, 2, pingpong=True, persistent=True, balance=True)),
 ]
 
 
