@@ -337,6 +337,9 @@ def mosaic_variants(head_dim):
                                   stagger=True))]
     fwd.append(MosaicConfig(128, 2, overlap=True, persistent=True,
                             stagger=True, consumers=3, balance=True))
+    # Each consumer only its own rows' key blocks (with the mask).
+    fwd.append(MosaicConfig(128, 2, overlap=True, stagger=True, consumers=3,
+                            own_steps=True))
   bwd = [MosaicBwdConfig(), MosaicBwdConfig(block_k=128),
          MosaicBwdConfig(block_k=128, stagger=True),
          MosaicBwdConfig(block_k=128, stagger=True, persistent=True),
@@ -363,7 +366,8 @@ def describe_mosaic(part, tuning):
             f'{" stagger" if c.stagger else ""}'
             f'{f" c{c.consumers}" if c.consumers != 2 else ""}'
             f'{" split" if c.split_tail else ""}'
-            f'{" balance" if c.balance else ""}')
+            f'{" balance" if c.balance else ""}'
+            f'{" own" if c.own_steps else ""}')
   c = tuning.bwd
   return (f'bwd q{c.block_q} k{c.block_k} s{c.num_stages}'
           f'{" fused" if c.fused else ""}{" stagger" if c.stagger else ""}'

@@ -94,6 +94,11 @@ class MosaicConfig:
     costs differ (1 to num_k steps), and dealing them round-robin leaves
     some CTAs up to 3% (d64, 4096 keys) or 49% (d128, 1024 keys) more steps
     than the mean; list scheduling 0.4% and 3.1%.
+  own_steps: with the mask and without ping-pong, each consumer runs the
+    key blocks its own 64 rows see (kv_steps of its rows), not the tile's,
+    and only passes the K/V slots of the rest on: with three consumers
+    (192-row tiles, 128-key blocks) consumer 0 and often 1 would otherwise
+    run a step whose keys all lie past their rows, and masks one more.
   """
 
   block_k: int = 128
@@ -105,6 +110,7 @@ class MosaicConfig:
   consumers: int = NUM_CONSUMERS
   split_tail: bool = False
   balance: bool = False
+  own_steps: bool = False
 
   def __post_init__(self):
     if self.split_tail and not (self.persistent and self.consumers == 2):
@@ -121,6 +127,8 @@ class MosaicConfig:
                        f'got {self.consumers}')
     if self.pingpong and self.consumers != 2:
       raise ValueError('pingpong takes two consumers')
+    if self.own_steps and self.pingpong:  # its meetings pair up the steps
+      raise ValueError('own_steps is for schedules without pingpong')
 
   @property
   def block_q(self):
@@ -472,7 +480,7 @@ def merge_tail(o, lse, part_o, part_lse, *, ctas, block_q, num_k):
 
 
 def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
-                  causal_offset, config, interpret):
+                  seq_kv, causal_offset, config, interpret):
   """Runs this CTA's `count` tiles (the int 1 without persistence); tile(n)
   is its n-th's (query block, head, batch row, (unmasked, total) steps,
   (first key block, part)): part -1 for a whole tile, else the workspace
@@ -619,10 +627,10 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       with jax.named_scope('rescale'):
         return o * rows_col(alpha, o.shape), m, l, p.astype(dtype)
 
-    def last(carry):
-      """Overlap: O += P V of the last step."""
+    def last(steps, carry):
+      """Overlap: O += P V of the last of `steps`."""
       acc, m, l, p = carry
-      slot = lax.rem(base + total - 1, num_stages)
+      slot = lax.rem(base + steps - 1, num_stages)
       plgpu.barrier_wait(v_ready.at[slot])
 
       def scope(o_ref):
@@ -635,21 +643,23 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m, l
 
-    def idle():
-      """No rows here: free each K/V slot once it is filled (the barriers'
-      phases stay in step) and keep the stagger's meetings."""
-      if config.stagger:
-        pl.when((wg > 0) & (total > 0))(functools.partial(meet_next, wg - 1))
-        pl.when((wg < consumers - 1) & (total > 0))(
-            functools.partial(meet_next, wg))
-
-      @pl.loop(0, total)
+    def pass_on(start):
+      """Frees the K/V slots of steps start to total once they are filled
+      (the barriers' phases stay in step) without using them."""
+      @pl.loop(start, total)
       def _(j):
         slot = lax.rem(base + j, num_stages)
         for ready, free in ((k_ready, k_free), (v_ready, v_free)):
           plgpu.barrier_wait(ready.at[slot])
           plgpu.barrier_arrive(free.at[slot])
 
+    def idle():
+      """No rows here: pass every slot on and keep the stagger's meetings."""
+      if config.stagger:
+        pl.when((wg > 0) & (total > 0))(functools.partial(meet_next, wg - 1))
+        pl.when((wg < consumers - 1) & (total > 0))(
+            functools.partial(meet_next, wg))
+      pass_on(0)
       if config.persistent:
         prefetch()
 
@@ -657,32 +667,40 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
       causal = causal_offset is not None
       init = (wgmma_full(o_shape, 0.0), wgmma_rows(ROWS_WG, NEG_INF),
               wgmma_rows(ROWS_WG, 0.0))
+      own = config.own_steps and causal
+      # Without own_steps the consumers share `total`, so they skip (no
+      # keys at all) together.
+      mine, steps = (kv_steps(my_start(i), ROWS_WG, block_k, seq_kv,
+                              causal_offset) if own else (unmasked, total))
       with jax.named_scope('wait_q'):
         plgpu.barrier_wait(q_ready(buf))
       pl.when(wg == 1)(meet)
       if config.stagger:  # tiles without keys issue nothing: no meeting
         pl.when((wg > 0) & (total > 0))(functools.partial(meet_next, wg - 1))
+        if own:  # keys for the others, none for these rows: meet as step 0
+          pl.when((wg < consumers - 1) & (steps == 0) & (total > 0))(
+              functools.partial(meet_next, wg))
       if config.overlap:
-        # The consumers share `total`, so they skip (no keys at all)
-        # together.
         carry = lax.cond(
-            total > 0, lambda: first(causal),
+            steps > 0, lambda: first(causal),
             lambda: (*init, wgmma_full(s_shape, 0.0).astype(dtype)))
-        carry = lax.fori_loop(1, jnp.maximum(unmasked, 1),
+        carry = lax.fori_loop(1, jnp.maximum(mine, 1),
                               functools.partial(overlapped, False), carry)
         if causal:
-          carry = lax.fori_loop(jnp.maximum(unmasked, 1), total,
+          carry = lax.fori_loop(jnp.maximum(mine, 1), steps,
                                 functools.partial(overlapped, True), carry)
-        acc, m, l = lax.cond(total > 0, last, lambda c: c[:3], carry)
+        acc, m, l = lax.cond(steps > 0, functools.partial(last, steps),
+                             lambda c: c[:3], carry)
       else:
-        carry = lax.fori_loop(0, unmasked, functools.partial(body, False),
-                              init)
+        carry = lax.fori_loop(0, mine, functools.partial(body, False), init)
         if causal:
-          carry = lax.fori_loop(unmasked, total,
-                                functools.partial(body, True), carry)
+          carry = lax.fori_loop(mine, steps, functools.partial(body, True),
+                                carry)
         acc, m, l = carry
+      if own:
+        pass_on(steps)
       if config.persistent:
-        pl.when(total == 0)(prefetch)
+        pl.when(steps == 0)(prefetch)
       pl.when(wg == 0)(meet)
       with jax.named_scope('epilogue'):
         # Rows that saw no key (l == 0) give o = 0 and lse = -inf.
@@ -794,7 +812,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, scale_ref, *refs, causal, group, config,
         (q_ref, o_ref, lse_ref, part_o_ref, part_lse_ref),
         (qo_smem, k_smem, v_smem, p_smem, lse_smem),
         (q_bar, k_ready, v_ready, k_free, v_free, turn), wg=wg,
-        count=count, tile=tile, sm_scale=scale_ref[0],
+        count=count, tile=tile, sm_scale=scale_ref[0], seq_kv=seq_kv,
         causal_offset=causal_offset, config=config, interpret=interpret)
 
   @pl.when(wg == consumers)

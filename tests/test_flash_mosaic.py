@@ -122,6 +122,18 @@ FWD_CASES = [
     (Case(1, 512, 512, 3, 1, 64, True),
      MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
                   consumers=3, balance=True)),
+    # Each consumer its own key blocks (three consumers, 192-row tiles):
+    # consumers 0 and 1 pass slots on; with seq_q > seq_kv rows of the
+    # first tiles see no key while the tile's others do (stagger meetings
+    # kept); overlap and not, persistent with tiles of no step.
+    (Case(1, 768, 768, 2, 1, 64, True),
+     MosaicConfig(128, 2, overlap=True, stagger=True, consumers=3,
+                  own_steps=True)),
+    (Case(1, 384, 192, 2, 2, 64, True, jnp.float16),
+     MosaicConfig(64, 2, stagger=True, consumers=3, own_steps=True)),
+    (Case(2, 384, 128, 2, 1, 96, True),
+     MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
+                  consumers=3, balance=True, own_steps=True)),
     # 256-key blocks with the mask: the first tile's one block and the
     # second's last are half past the diagonal.
     (Case(1, 384, 512, 2, 1, 64, True),
@@ -137,7 +149,8 @@ def _fwd_config_id(config):
           f'{"_stagger" if config.stagger else ""}'
           f'{f"_c{config.consumers}" if config.consumers != 2 else ""}'
           f'{"_split" if config.split_tail else ""}'
-          f'{"_balance" if config.balance else ""}')
+          f'{"_balance" if config.balance else ""}'
+          f'{"_own" if config.own_steps else ""}')
 
 
 def _case_id(case_config):
@@ -258,9 +271,11 @@ def test_bwd_interpret_matches_reference_vjp(case, config):
     MosaicConfig(64, 2, overlap=True, persistent=True),
     MosaicConfig(64, 2, overlap=True, persistent=True, stagger=True,
                  consumers=3),
-    MosaicConfig(64, 2, pingpong=True, persistent=True, balance=True)],
+    MosaicConfig(64, 2, pingpong=True, persistent=True, balance=True),
+    MosaicConfig(64, 2, overlap=True, stagger=True, consumers=3,
+                 own_steps=True)],
                          ids=['plain', 'pingpong_overlap', 'persistent',
-                              'persistent_c3', 'balance'])
+                              'persistent_c3', 'balance', 'own_steps'])
 def test_fwd_interpret_no_races(config):
   """The interpreter's happens-before race detector over the mbarrier
   protocol (TMA writes vs. reads of the K/V slots and the Q/O tiles; with
@@ -742,6 +757,12 @@ GPU_BALANCE_CASES = [
                   consumers=3, balance=True)),
     (Case(2, 2048, 2048, 8, 2, 64, True),
      MosaicConfig(256, 2, pingpong=True, persistent=True, balance=True)),
+    (Case(2, 2048, 2048, 8, 2, 64, True),
+     MosaicConfig(128, 2, overlap=True, stagger=True, consumers=3,
+                  own_steps=True)),
+    (Case(1, 1920, 1024, 4, 2, 96, True, jnp.float16),  # no-key rows
+     MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
+                  consumers=3, balance=True, own_steps=True)),
 ]
 
 
