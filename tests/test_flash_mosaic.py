@@ -742,8 +742,10 @@ GPU_SPLIT_CASES = [
     (GPU_CASES[6],
      MosaicConfig(128, 2, pingpong=True, persistent=True, split_tail=True)),
 ]
-# Balanced causal tiles: d64 with 3 stages (the default's), d128 staggered,
-# no-key rows at d96, d64 with three consumers.
+# Causal tile schedules: balanced tiles at d64 with 3 stages (the
+# default's), d128 staggered, no-key rows at d96, d64 with three consumers
+# and with 256-key blocks; each consumer its own key blocks (own_steps),
+# one CTA a tile and balanced with no-key rows.
 GPU_BALANCE_CASES = [
     (Case(4, 2048, 2048, 8, 2, 64, True),
      MosaicConfig(128, 3, pingpong=True, persistent=True, balance=True)),
