@@ -274,6 +274,19 @@ def rows_col(x, shape):
   return lax.broadcast_in_dim(x, shape, (0,))
 
 
+def cols_from(first, shape, *, at_most=True):
+  """The causal mask of a WGMMA tile as a per-row bound on its column index:
+  col <= first + row (at_most) or col >= first + row. Against a [rows, cols]
+  tile of positions kept across the loop, ptxas spilled up to 300 B (the
+  256-key d64 forward, the persistent d128 backward); the bound is two
+  registers a thread, and the column iota constants."""
+  bound = rows_col(first + plgpu.layout_cast(
+      lax.broadcasted_iota(jnp.int32, shape[:1], 0),
+      plgpu.Layout.WGMMA.reduce(1)), shape)
+  cols = wgmma_iota(shape, 1)
+  return cols <= bound if at_most else cols >= bound
+
+
 def interpret_params(interpret):
   """True, or InterpretGPUParams (e.g. detect_races=True): Mosaic GPU
   interpret mode on CPU."""
@@ -537,7 +550,6 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     buf = lax.rem(n, buffers)
     i, h, b, (unmasked, total), (_, part) = tile(n)
     q_smem = qo_smem.at[buf, wg]
-    q_pos = my_start(i) + wgmma_iota(s_shape, 0)
 
     def prefetch():
       """The next tile's Q into the other buffer, once the TMA store of the
@@ -559,7 +571,7 @@ def _fwd_consumer(refs, smem_refs, bars, *, wg, count, tile, sm_scale,
     def mask(masked, j):
       if not masked:
         return None
-      return j * block_k + wgmma_iota(s_shape, 1) <= q_pos + causal_offset
+      return cols_from(my_start(i) + causal_offset - j * block_k, s_shape)
 
     def body(masked, j, carry):
       acc, m, l = carry

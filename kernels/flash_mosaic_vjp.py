@@ -202,7 +202,6 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   scale = sm_scale * fm.LOG2E
   # Transposed tiles [keys, queries]: dK and dV come out row-major.
   st_shape = (fm.ROWS_WG, bq)
-  k_pos = rows + fm.wgmma_iota(st_shape, 0)
   lo, first_full, num_q = q_range
   per_head = num_q - lo
 
@@ -281,8 +280,9 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   def scores(masked, i, slot, s_t):
     """P^T from raw S^T, masked on the diagonal."""
     if masked:
-      q_pos = i * bq + fm.wgmma_iota(st_shape, 1)
-      s_t = jnp.where(k_pos <= q_pos + causal_offset, s_t, fm.NEG_INF)
+      visible = fm.cols_from(rows - causal_offset - i * bq, st_shape,
+                             at_most=False)
+      s_t = jnp.where(visible, s_t, fm.NEG_INF)
     plgpu.barrier_wait(lse_ready.at[slot])
     # lse2 = +inf for rows that saw no key: P = 0 there.
     lse2 = lax.broadcast_in_dim(_row_stats(lse2_smem.at[slot], 0), st_shape,
@@ -551,12 +551,11 @@ def _dq_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
   # lse2 = +inf for rows that saw no key: P = 0 there.
   lse2 = fm.rows_col(_row_stats(lse2_ref.at[vec], 1, gmem=True), s_shape)
   delta = fm.rows_col(_row_stats(delta_ref.at[vec], 1, gmem=True), s_shape)
-  q_pos = rows + fm.wgmma_iota(s_shape, 0)
 
   def probs(masked, j, s):
     if masked:
-      k_pos = j * block_k + fm.wgmma_iota(s_shape, 1)
-      s = jnp.where(k_pos <= q_pos + causal_offset, s, fm.NEG_INF)
+      visible = fm.cols_from(rows + causal_offset - j * block_k, s_shape)
+      s = jnp.where(visible, s, fm.NEG_INF)
     return jnp.exp2(s * scale - lse2)
 
   def body(masked, j, dq):
