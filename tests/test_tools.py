@@ -3,6 +3,7 @@ bar, TensorBoard events, profile trace, plots, evaluation, sampling."""
 import fcntl
 import functools
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -229,6 +230,29 @@ def test_ptxas_report_reads_spills_from_the_process_stdout():
                   'by compiler to allow use of registers in GMMA in function '
                   "'anonymous_mosaic_gpu_kernel'"]),
       dict(spill_stores=0, spill_loads=0, stack=0, notes=[])]
+
+
+def _has_cuda_plugin():
+  try:
+    return importlib.util.find_spec('jax_plugins.xla_cuda13') is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
+
+
+@pytest.mark.skipif(
+    not _has_cuda_plugin(),
+    reason='needs the CUDA plugin (jax-cuda13-plugin, jax-cuda13-pjrt), '
+    'which requirements.txt leaves out')
+def test_ptxas_report_compiles_for_an_h100_without_a_gpu():
+  """The deviceless compile's report of a kernel whose causal mask once
+  spilled (8 B stored, 36 loaded, in the GPU sweep of 2026-12-07): the
+  mask's per-row bound leaves ptxas nothing to spill."""
+  variant = 'fwd k128 s2 overlap persistent stagger balance'
+  run = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'ptxas_report.py'),
+       '--shapes', 's2048_d128', '--causal', 'yes', '--variants', variant],
+      capture_output=True, text=True, timeout=300, check=True)
+  assert f'{variant:50s} spill stores/loads (B): 0/0' in run.stdout
 
 
 def test_kernel_profile_shares_exclude_nested_regions():
