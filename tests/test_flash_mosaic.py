@@ -100,6 +100,11 @@ FWD_CASES = [
     (Case(2, 256, 256, 2, 1, 96, False, jnp.float16),
      MosaicConfig(128, 2, overlap=True, persistent=True, stagger=True,
                   consumers=3)),
+    # The d80/d96 causal default from 8192 keys (staggered, no overlap):
+    # without NPROC (conftest.py) this one starved the interpreter's thread
+    # pool on a 2-core machine.
+    (Case(1, 384, 384, 2, 1, 80, True),
+     MosaicConfig(128, 2, stagger=True, consumers=3)),
     # Split tail on 3 CTAs: 5 tiles of 8 key blocks, the last 2 in shares of
     # 5, 5 and 6 blocks (the second CTA's crosses a tile boundary); 4 tiles
     # of 4 blocks, the last in 3 parts; GQA across the tail; fp16.
