@@ -376,6 +376,15 @@ def describe_mosaic(part, tuning):
           f'{" late_dq" if c.late_dq_store else ""}')
 
 
+def unknown_variants(names, head_dim):
+  """An error message if some of `names` are no Mosaic variant of head_dim
+  (as describe_mosaic names them), else None."""
+  known = [describe_mosaic(*v) for v in mosaic_variants(head_dim)]
+  if unknown := [v for v in names or () if v not in known]:
+    return f'--variants {unknown} not among d{head_dim}\'s: {known}'
+  return None
+
+
 def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
   """Each Mosaic variant's forward or backward alone (those of `parts`; of
   `names` only, if given), after checking it (forward and backward) against
@@ -539,10 +548,8 @@ def main():
     parser.error(str(e))
   variants = args.variants and args.variants.split(',')
   for shape in shapes:
-    known = [describe_mosaic(*v) for v in mosaic_variants(shape.head_dim)]
-    if unknown := [v for v in variants or () if v not in known]:
-      parser.error(f'--variants {unknown} not among d{shape.head_dim}\'s: '
-                   f'{known}')
+    if error := unknown_variants(variants, shape.head_dim):
+      parser.error(error)
   causals = {'both': (False, True), 'yes': (True,), 'no': (False,)}[args.causal]
   impls = args.impls.split(',')
   if unknown := [i for i in impls if i not in IMPLS + PADDED]:

@@ -138,7 +138,12 @@ def main():
   device = topology.devices[0]
   names = args.variants and args.variants.split(',')
   for shape_name in args.shapes.split(','):
-    shape = attention.shape_named(shape_name)
+    try:
+      shape = attention.shape_named(shape_name)
+    except ValueError as e:
+      parser.error(str(e))
+    if error := attention.unknown_variants(names, shape.head_dim):
+      parser.error(error)
     for name, reports in compile_variants(shape, args.causal == 'yes',
                                           device, names):
       spills = ', '.join(f'{r["spill_stores"]}/{r["spill_loads"]}'
