@@ -376,6 +376,22 @@ def describe_mosaic(part, tuning):
           f'{" late_dq" if c.late_dq_store else ""}')
 
 
+def applies(part, tuning, causal):
+  """Whether a Mosaic variant runs with(out) the mask: the split tail is for
+  the forward without it only, balanced tiles for the forward with it."""
+  return part != 'fwd' or not (tuning.fwd.split_tail and causal or
+                               tuning.fwd.balance and not causal)
+
+
+def variant_call(part, tuning, causal, q, k, v, o, lse, do):
+  """(fn, args): the variant's forward, or its backward alone."""
+  kwargs = dict(causal=causal, backend='mosaic', mosaic_config=tuning)
+  if part == 'fwd':
+    return (lambda q, k, v: flash_attention_fwd(q, k, v, **kwargs)), (q, k, v)
+  return ((lambda *a: flash_attention_bwd(*a, **kwargs)),
+          (q, k, v, o, lse, do))
+
+
 def unknown_variants(names, head_dim):
   """An error message if some of `names` are no Mosaic variant of head_dim
   (as describe_mosaic names them), else None."""
@@ -404,22 +420,15 @@ def sweep_mosaic(shape, causal, parts=('fwd', 'bwd'), names=None, rounds=1):
     name = describe_mosaic(part, tuning)
     if part not in parts or (names is not None and name not in names):
       continue
-    if part == 'fwd' and (tuning.fwd.split_tail and causal or
-                          tuning.fwd.balance and not causal):
-      continue  # split: without the mask only; balance: with it
+    if not applies(part, tuning, causal):
+      continue
     record = dict(shape=shape.name, causal=causal, part=part, variant=name)
     reports = []
     try:
       with ptxas_report.capture() as reports:
         record['rel_err'] = check(shape, causal, 'mosaic', tuning, want)
-        if part == 'fwd':
-          fn = jax.jit(lambda q, k, v, t=tuning: flash_attention_fwd(
-              q, k, v, causal=causal, backend='mosaic', mosaic_config=t))
-          args = (q, k, v)
-        else:
-          fn = jax.jit(lambda *a, t=tuning: flash_attention_bwd(
-              *a, causal=causal, backend='mosaic', mosaic_config=t))
-          args = (q, k, v, o, lse, do)
+        fn, args = variant_call(part, tuning, causal, q, k, v, o, lse, do)
+        fn = jax.jit(fn)
         record['ms_rounds'] = [time_ms(fn, args)]
       timed.append((record, fn, args))
     except Exception as e:  # pylint: disable=broad-except

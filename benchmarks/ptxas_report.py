@@ -81,7 +81,6 @@ def compile_variants(shape, causal, device, names=None):
   import jax
   import jax.numpy as jnp
   import attention
-  from kernels.flash_attention import flash_attention_bwd, flash_attention_fwd
   sharding = jax.sharding.SingleDeviceSharding(device)
   dims = (shape.batch, shape.seq, shape.heads, shape.head_dim)
   x = jax.ShapeDtypeStruct(dims, jnp.bfloat16, sharding=sharding)
@@ -91,16 +90,10 @@ def compile_variants(shape, causal, device, names=None):
     name = attention.describe_mosaic(part, tuning)
     if names is not None and name not in names:
       continue
-    if part == 'fwd' and (tuning.fwd.split_tail and causal or
-                          tuning.fwd.balance and not causal):
-      continue  # as the sweep: split without the mask only, balance with it
-    kwargs = dict(causal=causal, backend='mosaic', mosaic_config=tuning)
-    if part == 'fwd':
-      fn, args = (lambda q, k, v: flash_attention_fwd(q, k, v, **kwargs),
-                  (x, x, x))
-    else:
-      fn, args = (lambda *a: flash_attention_bwd(*a, **kwargs),
-                  (x, x, x, x, lse, x))
+    if not attention.applies(part, tuning, causal):
+      continue
+    fn, args = attention.variant_call(part, tuning, causal, x, x, x, x, lse,
+                                      x)
     with capture() as reports:
       jax.jit(fn).lower(*args).compile()
     yield name, reports
