@@ -20,7 +20,7 @@ when causal; forward+backward 3.5x that.
   python benchmarks/attention.py --sweep_mosaic --shapes b1_s16384_h24_d96 \
       --variants 'fwd k128 s2 overlap,fwd k128 s2 pingpong persistent' \
       --rounds 3                                    # an A/B, rounds in turn
-Writes <out>/attention_<gpu>.json (default benchmarks/results/).
+Writes <out>/attention_<gpu>.json (default runs/benchmarks/; result_files.py).
 """
 import argparse
 import dataclasses
@@ -45,6 +45,7 @@ from kernels.flash_mosaic import MosaicConfig
 from kernels.flash_mosaic_vjp import FUSED_HEAD_DIMS, MosaicBwdConfig
 from kernels.reference import reference_attention
 import ptxas_report
+import result_files
 # pylint: enable=g-import-not-at-top
 
 warnings.filterwarnings('ignore', category=DeprecationWarning)
@@ -544,8 +545,7 @@ def main():
                       help='time the impls (or with --sweep_mosaic the '
                       'variants) in this many rounds, in turn; medians')
   parser.add_argument('--no-check', action='store_true')
-  parser.add_argument('--out', default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), 'results'))
+  result_files.add_out_flag(parser)
   args = parser.parse_args()
 
   names = (args.shapes.split(',') if args.shapes else
@@ -563,14 +563,16 @@ def main():
   impls = args.impls.split(',')
   if unknown := [i for i in impls if i not in IMPLS + PADDED]:
     parser.error(f'--impls {unknown} not among {IMPLS + PADDED}')
+  if jax.devices()[0].platform != 'gpu':
+    parser.error(f'times GPU kernels; this machine has '
+                 f'{jax.devices()[0].platform} devices only')
   device = jax.devices()[0].device_kind
   print(f'{device}, jax {jax.__version__}', flush=True)
 
-  os.makedirs(args.out, exist_ok=True)
   kind = ('_sweep' if args.sweep else
           '_sweep_mosaic' if args.sweep_mosaic else '')
-  path = os.path.join(args.out,
-                      f'attention{kind}_{device.replace(" ", "_")}.json')
+  path = result_files.new_path(args.out,
+                               f'attention{kind}_{device.replace(" ", "_")}')
   meta = dict(device=device, date=datetime.datetime.now().isoformat(),
               jax=jax.__version__)
   records = []

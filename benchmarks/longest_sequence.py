@@ -26,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top
 import train_throughput  # sets up the path and jaxflash's XLA flags
+import result_files
 import jax
 # pylint: enable=g-import-not-at-top
 
@@ -143,8 +144,7 @@ def main():
                       help='search smaller GPU counts side by side on '
                       'disjoint GPUs (1 and 2 together, then 4)')
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
-  parser.add_argument('--out', default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), 'results'))
+  result_files.add_out_flag(parser)
   args = parser.parse_args()
   if args.child:  # one GPU count: print the search as one JSON line
     print(json.dumps(search(args.config, args.variants, args.resolution,
@@ -178,9 +178,8 @@ def main():
                 mem_fraction=os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION',
                                             MEM_FRACTION),
                 xla_flags=os.environ.get('XLA_FLAGS', ''), results=results)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out,
-                      f'longest_sequence_{kind.replace(" ", "_")}.json')
+  path = result_files.new_path(args.out,
+                               f'longest_sequence_{kind.replace(" ", "_")}')
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
   print(f'wrote {path}')

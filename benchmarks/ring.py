@@ -20,7 +20,7 @@ sequence of N x T tokens, T tokens per GPU, 16 heads x 128, bf16, for:
 --backend picks the flash kernels of the ring's blocks and of `single`
 (default 'auto': the Mosaic kernels on Hopper); allgather's segment ids keep
 it on the Triton kernels.
-Writes <out>/ring_<gpu>.json (default benchmarks/results/). --profile DIR
+Writes <out>/ring_<gpu>.json (default runs/benchmarks/). --profile DIR
 traces one call of the zigzag ring and records, per GPU, how much of the
 transfers' time ran under a compute kernel (benchmarks/trace_summary.py).
 """
@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxflash import ring
 import trace_summary
+import result_files
 from jaxflash.model import REMAT_POLICIES
 from kernels import flash_attention
 from kernels.flash_attention import BACKENDS, DEFAULT_BACKEND
@@ -176,8 +177,7 @@ def main():
                       help="the flash kernels' backend")
   parser.add_argument('--schedule', action='store_true',
                       help='print the compiled zigzag schedule and stop')
-  parser.add_argument('--out', default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), 'results'))
+  result_files.add_out_flag(parser)
   args = parser.parse_args()
   devices = jax.devices()
   sizes = ([int(x) for x in args.gpus.split(',')] if args.gpus
@@ -243,9 +243,8 @@ def main():
                 head_dim=HEAD_DIM,
                 dtype='bfloat16', causal=True,
                 xla_flags=os.environ.get('XLA_FLAGS', ''), records=records)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(
-      args.out, f'ring_{devices[0].device_kind.replace(" ", "_")}.json')
+  path = result_files.new_path(
+      args.out, f'ring_{devices[0].device_kind.replace(" ", "_")}')
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
   print(f'wrote {path}')

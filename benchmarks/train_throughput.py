@@ -14,7 +14,7 @@ per GPU and step time, printed beside the seed's H100 row.
 A variant is `key=value[;key=value]` over the config (model.* keys may drop
 the `model.` prefix), e.g. `remat=full;attention_impl=xla`.
 Writes <out>/train_throughput_<gpu>[_x<gpus>[_<n>proc]].json (default
-benchmarks/results/).
+runs/benchmarks/).
 """
 import argparse
 import datetime
@@ -45,6 +45,7 @@ from jaxflash import trainer
 from jaxflash.model import GPT
 from jaxflash.model import count_params
 import trace_summary
+import result_files
 # pylint: enable=g-import-not-at-top
 
 # The seed (FlashAttention-2, PyTorch, fp16 AMP), GPT-3 2.7B, seq 1024.
@@ -164,8 +165,7 @@ def main():
                       'jax.distributed (each sees its own GPU)')
   parser.add_argument('--process_id', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--coordinator_address', help=argparse.SUPPRESS)
-  parser.add_argument('--out', default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), 'results'))
+  result_files.add_out_flag(parser)
   args = parser.parse_args()
   if args.processes > 1:
     if args.process_id is None:
@@ -201,11 +201,10 @@ def main():
                 date=datetime.datetime.now().isoformat(), jax=jax.__version__,
                 peak_flops_per_gpu=metrics_lib.peak_flops_per_device(),
                 xla_flags=os.environ.get('XLA_FLAGS', ''), records=records)
-  os.makedirs(args.out, exist_ok=True)
   kind = jax.devices()[0].device_kind.replace(' ', '_')
   suffix = f'_x{n}' if n > 1 else ''
   suffix += f'_{args.processes}proc' if args.processes > 1 else ''
-  path = os.path.join(args.out, f'train_throughput_{kind}{suffix}.json')
+  path = result_files.new_path(args.out, f'train_throughput_{kind}{suffix}')
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
   print(f'wrote {path}')

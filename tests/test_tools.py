@@ -394,3 +394,36 @@ def test_attention_padded_impls_match_reference(monkeypatch, impl):
   q = jnp.zeros((1, 128, 2, 160), jnp.bfloat16)
   with pytest.raises(ValueError, match=f'{impl}: head_dim 160'):
     attention.attention_fn(impl, False)(q, q, q)
+
+
+def test_benchmark_results_never_overwrite_a_kept_file(tmp_path):
+  """The benchmarks write to runs/benchmarks/ by default; where their file
+  exists (a committed table, an earlier run), the new one gets the time in
+  its name, and a later one again its own."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import result_files  # pylint: disable=g-import-not-at-top
+  assert result_files.DEFAULT_DIR == os.path.join(ROOT, 'runs', 'benchmarks')
+  out = tmp_path / 'results'
+  first = result_files.new_path(str(out), 'attention_GPU')
+  assert first == str(out / 'attention_GPU.json')
+  with open(first, 'w') as f:
+    f.write('kept')
+  paths = [first]
+  for _ in range(2):
+    path = result_files.new_path(str(out), 'attention_GPU')
+    assert path not in paths and os.path.basename(path).startswith(
+        'attention_GPU_')
+    with open(path, 'w') as f:
+      f.write('new')
+    paths.append(path)
+  assert open(first).read() == 'kept'
+
+
+def test_attention_benchmark_refuses_a_machine_without_a_gpu(tmp_path):
+  """On CPU the benchmark says so at once, and writes nothing."""
+  result = python('benchmarks/attention.py', '--quick', '--out',
+                  str(tmp_path))
+  assert result.returncode == 2
+  assert 'times GPU kernels; this machine has cpu devices only' in (
+      result.stderr)
+  assert not os.listdir(tmp_path)
