@@ -24,7 +24,8 @@ from jaxflash.model import GPT
 
 
 def evaluate(config, workdir):
-  """(checkpoint step, mean validation loss over config.eval_batches)."""
+  """(checkpoint step, mean validation loss, batches): config.eval_batches
+  of them, or fewer where the validation split runs out."""
   num_devices = jax.device_count()
   config_lib.validate(config, num_devices)
   if config.data.dataset == 'sample':
@@ -38,7 +39,7 @@ def evaluate(config, workdir):
     loss = jax.jit(lambda p, batch: trainer.loss_fn(graphdef, p, batch))
     losses = [loss(params, jax.make_array_from_process_local_data(
         batch_sharding, batch)) for batch in loader.eval_batches(config)]
-  return step, float(np.mean(losses))
+  return step, float(np.mean(losses)), len(losses)
 
 
 def _define_flags():
@@ -59,11 +60,11 @@ def main(argv):
                            config_lib.default_config().eval_batches)
     if config.eval_batches < 1:
       raise config_lib.UsageError('--batches must be >= 1')
-    step, loss = evaluate(config, f.workdir)
+    step, loss, batches = evaluate(config, f.workdir)
   except config_lib.UsageError as e:
     sys.exit(f'error: {e}')
   print(f'step {step} | validation loss {loss:.4f} | perplexity '
-        f'{math.exp(loss):,.2f} | {config.eval_batches} batches of '
+        f'{math.exp(loss):,.2f} | {batches} batches of '
         f'{config.batch_size} x {config.data.seq_len} tokens')
 
 

@@ -122,6 +122,26 @@ def test_eval_batches_are_fixed(toy_data):
     np.testing.assert_array_equal(x, y)
 
 
+def test_eval_batches_stop_where_the_validation_split_runs_out(toy_data,
+                                                               caplog):
+  """No validation window counts twice: eval_batches beyond the split's
+  distinct batches are dropped, with a warning; a split smaller than one
+  batch gives one batch that repeats windows, and says so."""
+  windows = len(loader.windows(str(toy_data), 'toy', 'validation', 8))
+  config = _config(toy_data, batch_size=2)
+  config.eval_batches = windows  # twice the windows the split has
+  batches = loader.eval_batches(config)
+  assert len(batches) == windows // 2
+  rows = [tuple(r) for b in batches for r in b]
+  assert len(set(rows)) == len(rows)
+  assert f'evaluating on {windows // 2} batch(es) of 2, not eval_batches=' \
+      f'{windows}' in caplog.text
+  caplog.clear()
+  config = _config(toy_data, batch_size=windows + 1)
+  assert len(loader.eval_batches(config)) == 1
+  assert 'windows repeated to fill it' in caplog.text
+
+
 def test_processes_read_disjoint_slices(toy_data, monkeypatch):
   config = _config(toy_data)
   single = iter(loader.train_dataset(config))

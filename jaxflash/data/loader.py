@@ -7,6 +7,7 @@ process_count-th element, so hosts never duplicate or skip data.
 """
 import os
 
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -58,12 +59,22 @@ def train_dataset(config):
 
 
 def eval_batches(config):
-  """The first eval_batches batches of the validation split, in order."""
+  """The first eval_batches batches of the validation split, in order; fewer
+  where the split runs out, so no window counts twice (one batch, then
+  repeating windows, where the split holds less than a batch)."""
   if not config.eval_batches:
     return []
   source = windows(config.data.data_dir, config.data.dataset, 'validation',
                    config.data.seq_len)
+  count = min(config.eval_batches, max(1, len(source) // config.batch_size))
+  if count < config.eval_batches or len(source) < config.batch_size:
+    logging.warning(
+        'the validation split of %s has %d windows of %d tokens: evaluating '
+        'on %d batch(es) of %d, not eval_batches=%d%s', config.data.dataset,
+        len(source), config.data.seq_len + 1, count, config.batch_size,
+        config.eval_batches, ', windows repeated to fill it'
+        if len(source) < config.batch_size else '')
   ds = grain.MapDataset.source(source).repeat()
   ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.batch(config.batch_size // jax.process_count(), drop_remainder=True)
-  return [ds[i] for i in range(config.eval_batches)]
+  return [ds[i] for i in range(count)]
