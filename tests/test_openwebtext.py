@@ -260,3 +260,9 @@ def test_cli_prepares_text_and_rejects_bad_options(tmp_path):
   assert run.returncode != 0 and '--input' in run.stderr
   run = _cli('--dataset', 'sample', '--manual_dir', str(tmp_path))
   assert run.returncode != 0 and '--manual_dir is only for' in run.stderr
+  # Bad input found while preparing: one error line, no traceback.
+  run = _cli('--dataset', 'text', '--input', str(tmp_path / '*.none'),
+             '--data_dir', str(tmp_path / 'data'))
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines() == [
+      f"error: --input '{tmp_path / '*.none'}' matches no files"]

@@ -233,4 +233,11 @@ def test_unprepared_dataset_is_one_line(tmp_path):
   result = run(tmp_path / 'w', tmp_path / 'data',
                '--config.data.dataset=openwebtext')
   one_error_line(result, 'config.data.dataset: no prepared dataset at',
-                 'python -m jaxflash.data.prepare --dataset openwebtext')
+                 'python -m jaxflash.data.prepare --dataset openwebtext '
+                 '--manual_dir DIR')
+  # A dataset of the user's own is prepared from text (prepare's --dataset
+  # takes sample, openwebtext or text).
+  result = run(tmp_path / 'w', tmp_path / 'data',
+               '--config.data.dataset=mine')
+  one_error_line(result, 'python -m jaxflash.data.prepare --dataset text '
+                 '--input GLOB --name mine')

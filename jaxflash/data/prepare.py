@@ -21,6 +21,7 @@ looks finished.
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -200,9 +201,12 @@ def write_dataset(documents, out_dir, *, source, val_fraction, seed,
 def read_meta(data_dir, dataset):
   path = os.path.join(data_dir, dataset, 'meta.json')
   if not os.path.exists(path):
+    how = {'sample': '--dataset sample',
+           'openwebtext': '--dataset openwebtext --manual_dir DIR'}.get(
+               dataset, f'--dataset text --input GLOB --name {dataset}')
     raise FileNotFoundError(
         f'no prepared dataset at {os.path.join(data_dir, dataset)} (missing '
-        f'meta.json); run `python -m jaxflash.data.prepare --dataset {dataset} '
+        f'meta.json); run `python -m jaxflash.data.prepare {how} '
         f'--data_dir {data_dir}`')
   with open(path) as f:
     return json.load(f)
@@ -263,8 +267,9 @@ def _define_flags():
   flags.DEFINE_string('manual_dir', None,
                       'openwebtext: the folder holding the downloaded corpus.')
   flags.DEFINE_string('input', None,
-                      'text: glob of .txt files (a document each) or .jsonl '
-                      'files (a {"text": ...} object a line).')
+                      'text: glob of files: .jsonl or .json ones hold a '
+                      '{"text": ...} object a line, any other file is one '
+                      'document.')
   flags.DEFINE_string('name', 'text', 'text: the prepared dataset\'s name.')
   flags.DEFINE_float('val_fraction', VAL_FRACTION,
                      'text: share of documents for validation.')
@@ -288,14 +293,17 @@ def main(argv):
   if not 0 < f.val_fraction < 1:
     raise app.UsageError(f'--val_fraction must be in (0, 1), got '
                          f'{f.val_fraction}')
-  if f.dataset == 'sample':
-    meta = prepare_sample(f.data_dir, f.workers, progress=True)
-  elif f.dataset == 'openwebtext':
-    meta = prepare_openwebtext(f.data_dir, f.manual_dir, f.workers,
-                               progress=True)
-  else:
-    meta = prepare_text(f.input, f.data_dir, f.name, f.val_fraction, f.workers,
-                        progress=True)
+  try:
+    if f.dataset == 'sample':
+      meta = prepare_sample(f.data_dir, f.workers, progress=True)
+    elif f.dataset == 'openwebtext':
+      meta = prepare_openwebtext(f.data_dir, f.manual_dir, f.workers,
+                                 progress=True)
+    else:
+      meta = prepare_text(f.input, f.data_dir, f.name, f.val_fraction,
+                          f.workers, progress=True)
+  except (FileNotFoundError, ValueError) as e:  # input or data_dir problems
+    sys.exit(f'error: {e}')
   for split, info in meta['splits'].items():
     print(f'{split}: {info["documents"]:,} documents, '
           f'{info["tokens"]:,} tokens')
