@@ -258,6 +258,10 @@ def train(config, workdir):
       print(f'{num_params:,} parameters | {num_devices} devices | attention '
             f'{cfg.attention_impl} | accumulation {accum_steps} | {resumed}',
             flush=True)
+      if start_step >= config.steps:
+        print(f'the latest checkpoint is at step {start_step}, steps is '
+              f'{config.steps}: nothing to train (raise --config.steps to '
+              'go on)', flush=True)
 
     train_step = jax.jit(
         make_train_step(graphdef, tx, accum_steps, cfg),

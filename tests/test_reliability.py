@@ -226,6 +226,13 @@ def test_failed_save_keeps_the_last_checkpoint(tmp_path, data):
   assert again.returncode == 0, again.stderr
   assert 'resuming at step 2' in again.stdout
   assert os.listdir(workdir / 'checkpoints') == ['4']  # leftovers removed
+  # steps below the checkpoint's: said, and nothing trained or lost.
+  fewer = run(workdir, data, '--config.steps=2', *args)
+  assert fewer.returncode == 0, fewer.stderr
+  assert ('the latest checkpoint is at step 4, steps is 2: nothing to train'
+          in fewer.stdout)
+  assert 'step 3 |' not in fewer.stdout
+  assert os.listdir(workdir / 'checkpoints') == ['4']
 
 
 def test_unprepared_dataset_is_one_line(tmp_path):
