@@ -227,16 +227,13 @@ def _dkdv_tile(refs, smem, bars, *, wg, buf, base, src, tile, prefetch,
 
   def dq_part(step, part, acc_ref):
     """dQ of the step's query rows, columns of `part`, against all the CTA's
-    keys (both consumers' dS^T), scaled; waits for every wgmma in flight.
-    Scaled here, not in XLA, so the registers are a multiply's, not
-    wgmma's: a carried part read behind the next step's wgmmas (late store)
-    made ptxas wait for those (its note C7517)."""
+    keys (both consumers' dS^T); waits for every wgmma in flight."""
     buf = lax.rem(step, 2)
     plgpu.barrier_wait(ds_ready.at[buf])
     cols = pl.ds(part * DQ_COLS, DQ_COLS)
     for w in range(fm.NUM_CONSUMERS):
       plgpu.wgmma(acc_ref, ds_smem.at[buf, w].T, k_all.at[w, :, cols])
-    dq = acc_ref[...] * sm_scale
+    dq = acc_ref[...]
     plgpu.barrier_arrive(ds_free.at[buf])
     return dq
 
@@ -770,7 +767,7 @@ def _flash_bwd(q, k, v, o, lse, do, dlse, scale, *, causal, interpret,
   )(q, k, v, do, lse2, delta, scale, *dkdv_table,
     *([dq_acc] if fused else []))
   if fused:
-    return jax.freeze(dq_acc).astype(dtype), dk, dv
+    return (jax.freeze(dq_acc) * scale[0]).astype(dtype), dk, dv
 
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, interpret=interpret is not None,
