@@ -172,8 +172,7 @@ class MosaicConfig:
       return cls(128, 2, overlap=True, stagger=True, consumers=3,
                  persistent=not causal and seq_kv > 8192, own_steps=causal)
     if head_dim <= 64:  # a 256-key block only without the mask
-      persistent = not causal or seq_kv <= 4096
-      tiles = dict(persistent=persistent, balance=causal and persistent,
+      tiles = dict(persistent=True, balance=causal,
                    split_tail=not causal and seq_kv >= 4096)
       if not causal and seq_kv % 256 == 0:
         return cls(256, 2, pingpong=True, **tiles)
